@@ -1,0 +1,45 @@
+# Two commands: `make demo` and `make test`. Everything installs into .venv on first use.
+PRESET ?= toy
+ONLY ?=
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KERNEL := pruning-lab
+
+.PHONY: demo test lab install bench clean-runs help
+
+help:
+	@echo "make demo [PRESET=toy|gpu] [ONLY=03,04]   build the toy world, run notebooks 01-06"
+	@echo "make test                               install if needed, run pytest"
+	@echo "make lab                                JupyterLab on the '$(KERNEL)' kernel"
+	@echo "make bench                              performance ratios (bench/)"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first: the pinned CPU wheel on this machine (a CUDA box resolves the same pin from PyPI),
+# so that nothing later pulls an unpinned multi-GB build.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[gpu,eval,dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (pruning-lab)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m helpers run --preset $(PRESET) $(if $(ONLY),--only $(ONLY),)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(BIN)/python bench/checkpoint_copy.py
+
+clean-runs:
+	rm -rf runs/
