@@ -1,0 +1,468 @@
+"""Streaming safetensors checkpoints: index-first lazy reader, sharded writer, compare, load check.
+
+Usage: `src = Checkpoint("in/"); write_checkpoint("out/", passthrough(src), config=src.config, like=src)`
+
+The reader parses every shard header up front (bytes, not tensors) so that a missing or truncated
+shard, or an index naming a tensor its shard lacks, fails before any work with the file named.
+The writer knows every tensor's dtype and shape before it writes, so it emits each shard's header
+first and then streams tensors one by one: unchanged tensors are copied byte range to byte range
+(`os.copy_file_range`, no deserialisation), computed ones are materialised one at a time. Peak
+memory is one tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from helpers.fsutil import atomic_dir, file_sha256
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files a checkpoint carries beside its weights; config.json is written, not copied.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk that cannot be read as it claims to be."""
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    return DTYPE_CODES[dtype]
+
+
+def parse_size(size) -> int:
+    """'5GB', '500MB', '2GiB' or an int -> bytes (decimal units as in transformers)."""
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper()
+    units = {"GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(s)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes sit: shard file name, dtype code, shape, absolute byte range."""
+
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header dict, absolute offset of the data buffer) of a safetensors file, validated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 << 20:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{path}: truncated: header needs {8 + n + data_end} bytes, file has {size}")
+    return header, 8 + n
+
+
+class Checkpoint:
+    """Lazy, index-first view of a safetensors checkpoint directory (single file or sharded)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
+        cfg = self.path / "config.json"
+        self.config: dict = json.loads(cfg.read_text()) if cfg.exists() else {}
+        index_path = self.path / INDEX
+        if index_path.exists():
+            index = json.loads(index_path.read_text())
+            weight_map: dict[str, str] = index["weight_map"]
+            self.index_metadata: dict = index.get("metadata", {})
+        elif (self.path / SINGLE).exists():
+            weight_map, self.index_metadata = None, {}
+        else:
+            raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE}")
+        self.shards: list[str] = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+        self.shard_metadata: dict[str, dict] = {}
+        infos: dict[str, TensorInfo] = {}
+        for shard in self.shards:
+            p = self.path / shard
+            if not p.exists():
+                raise CheckpointError(f"{self.path}: shard {shard} named in {INDEX} is missing")
+            header, base = read_header(p)
+            self.shard_metadata[shard] = header.pop("__metadata__", None) or {}
+            for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if weight_map is None or weight_map.get(name) == shard:
+                    a, b = h["data_offsets"]
+                    infos[name] = TensorInfo(name, shard, h["dtype"], tuple(h["shape"]), base + a, base + b)
+        if weight_map:
+            for name, shard in weight_map.items():
+                if name not in infos:
+                    raise CheckpointError(f"{self.path}: {INDEX} names tensor {name} in {shard}, which lacks it")
+        self.infos: dict[str, TensorInfo] = infos  # shard order, then file order
+        self._open: tuple[str, object] | None = None
+
+    # ---- inspection -------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name) -> bool:
+        return name in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def shard_of(self, name: str) -> str:
+        return self.info(name).shard
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _handle(self, shard: str):
+        if self._open is None or self._open[0] != shard:
+            self.close()
+            self._open = (shard, safe_open(str(self.path / shard), framework="pt").__enter__())
+        return self._open[1]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its shard (the only shard held open)."""
+        return self._handle(self.info(name).shard).get_tensor(name)
+
+    def get_slice(self, name: str):
+        """A lazy slice handle: `ck.get_slice(n)[e, :I]` reads only those bytes."""
+        return self._handle(self.info(name).shard).get_slice(name)
+
+    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one at a time, in shard order so each shard is opened once."""
+        wanted = self.keys() if names is None else sorted(names, key=self._order)
+        for n in wanted:
+            yield n, self.get(n)
+
+    def _order(self, name: str) -> tuple[int, int]:
+        i = self.info(name)
+        return self.shards.index(i.shard), i.start
+
+    def close(self):
+        if self._open is not None:
+            self._open[1].__exit__(None, None, None)
+            self._open = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---- writing --------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One output tensor: its name, dtype, shape, target shard, and where its bytes come from.
+
+    Exactly one of `src` (a byte range of a source file, copied verbatim) and `make` (a function
+    returning the tensor, called when the writer reaches it) is set.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str | None = None
+    src: tuple[Path, int, int] | None = None
+    make: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+def copied(ck: Checkpoint, name: str, new_name: str | None = None) -> Entry:
+    """An entry that copies tensor `name` of `ck` byte for byte (optionally renamed)."""
+    i = ck.info(name)
+    return Entry(new_name or name, i.dtype, i.shape, i.shard, src=(ck.path / i.shard, i.start, i.end))
+
+
+def computed(name: str, like: TensorInfo | None, make: Callable[[], torch.Tensor], *,
+             dtype: str | None = None, shape=None, shard: str | None = None) -> Entry:
+    """An entry materialised by `make()` at write time; dtype/shape/shard default to `like`'s."""
+    return Entry(name, dtype or like.dtype, tuple(shape if shape is not None else like.shape),
+                 shard if shard is not None else (like.shard if like else None), make=make)
+
+
+def passthrough(ck: Checkpoint) -> list[Entry]:
+    """Every tensor of `ck`, copied verbatim, in the source's shard order."""
+    return [copied(ck, n) for n in ck.keys()]
+
+
+def _copy_range(src: Path, start: int, end: int, dst) -> None:
+    with open(src, "rb") as f:
+        left, off = end - start, start
+        while left > 0:
+            try:
+                n = os.copy_file_range(f.fileno(), dst.fileno(), left, off)
+            except OSError:  # cross-device on old kernels, unsupported fs: plain copy
+                n = 0
+            if n == 0:
+                f.seek(off)
+                buf = f.read(min(left, 64 << 20))
+                if not buf:
+                    raise CheckpointError(f"{src}: ended early at byte {off}")
+                dst.write(buf)
+                n = len(buf)
+            else:  # keep Python's file position in step with the kernel copy
+                dst.seek(0, os.SEEK_END)
+            left -= n
+            off += n
+
+
+def _write_tensor(e: Entry, dst) -> None:
+    t = e.make()
+    if tuple(t.shape) != tuple(e.shape) or dtype_code(t.dtype) != e.dtype:
+        raise CheckpointError(f"{e.name}: made {dtype_code(t.dtype)}{list(t.shape)}, planned {e.dtype}{list(e.shape)}")
+    dst.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _write_shard(path: Path, entries: list[Entry], metadata: dict, bar) -> None:
+    header, off = {"__metadata__": metadata}, 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+        off += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data buffer starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in entries:
+            if e.src is not None:
+                f.flush()
+                _copy_range(e.src[0], e.src[1], e.src[2], f)
+            else:
+                _write_tensor(e, f)
+            bar.update(e.nbytes)
+
+
+def _pack(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
+    shards, cur, size = [], [], 0
+    for e in entries:
+        if cur and size + e.nbytes > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += e.nbytes
+    return shards + [cur] if cur else shards
+
+
+def _split(entries: list[Entry], n: int) -> list[list[Entry]]:
+    """Cut entries, in order, into n groups of about equal bytes."""
+    total = max(1, sum(e.nbytes for e in entries))
+    groups, start = [[] for _ in range(n)], 0
+    for e in entries:
+        groups[min(n - 1, (start + e.nbytes // 2) * n // total)].append(e)
+        start += e.nbytes
+    return groups
+
+
+def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Checkpoint | None = None,
+                     max_shard_size=None, n_shards: int | None = None, side_files_from=None, overwrite: bool = False,
+                     metadata: dict | None = None, desc: str = "write") -> Path:
+    """Write `entries` as an HF safetensors checkpoint at `out`, atomically.
+
+    Mode `mirror` (default when `like` is given and no `max_shard_size`): the same shard files as
+    `like`, each entry in the shard named by `entry.shard`. Mode `max_size`: entries packed in
+    order into shards of at most `max_shard_size` bytes (a larger single tensor gets its own).
+    Mode `n_shards`: entries cut in order into that many shards of about equal size.
+    Config, generation config and tokenizer files come from `side_files_from` (default `like`).
+    """
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(f"duplicate tensor names in output: {dup[:5]}")
+    if n_shards is not None:
+        packed = _split(entries, n_shards)
+        files = [(f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors", g) for i, g in enumerate(packed)]
+    elif max_shard_size is None and like is not None:
+        groups = {s: [] for s in like.shards}
+        for e in entries:
+            if e.shard not in groups:
+                raise CheckpointError(f"{e.name}: target shard {e.shard!r} is not a shard of {like.path}")
+            groups[e.shard].append(e)
+        files = list(groups.items())
+    else:
+        packed = _pack(entries, parse_size(max_shard_size or "5GB"))
+        n = len(packed)
+        files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(packed)]
+    meta = {"format": "pt", **(metadata or {})}
+    total = sum(e.nbytes for e in entries)
+    side = Path(side_files_from) if side_files_from else (like.path if like else None)
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp, tqdm(total=total, unit="B", unit_scale=True,
+                                                          desc=f"{desc} {out.name}", leave=False) as bar:
+        for fname, group in files:
+            _write_shard(tmp / fname, group, meta, bar)
+        weight_map = {e.name: fname for fname, group in files for e in group}
+        params = sum(e.nbytes // torch.empty((), dtype=DTYPES[e.dtype]).element_size() for e in entries)
+        index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if side is not None:
+            for f in SIDE_FILES:
+                if (side / f).exists():
+                    shutil.copy2(side / f, tmp / f)
+    return out
+
+
+def copy_checkpoint(src, out, *, max_shard_size=None, overwrite: bool = False) -> Path:
+    """Read `src` and write it again: mirror mode by default, `max_size` with max_shard_size."""
+    ck = Checkpoint(src)
+    return write_checkpoint(out, passthrough(ck), config=ck.config or None, like=ck,
+                            max_shard_size=max_shard_size, overwrite=overwrite, desc="copy")
+
+
+# ---- checking -------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    only_a: list[str]
+    only_b: list[str]
+    differ: list[str]  # same name, different dtype, shape or bytes
+    n_equal: int
+
+    @property
+    def equal(self) -> bool:
+        return not (self.only_a or self.only_b or self.differ)
+
+    def __str__(self) -> str:
+        if self.equal:
+            return f"identical: {self.n_equal} tensors"
+        return (f"{self.n_equal} equal, {len(self.differ)} differ {self.differ[:3]}, "
+                f"{len(self.only_a)} only in a {self.only_a[:3]}, {len(self.only_b)} only in b {self.only_b[:3]}")
+
+
+def tensor_sha256(ck: Checkpoint, name: str) -> str:
+    i = ck.info(name)
+    return file_sha256(ck.path / i.shard, i.start, i.nbytes)
+
+
+def compare(a, b) -> Comparison:
+    """Compare two checkpoints tensor by tensor: names, dtype, shape and sha256 of the bytes."""
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    ka, kb = set(ca.keys()), set(cb.keys())
+    differ, n_equal = [], 0
+    for n in tqdm(sorted(ka & kb, key=ca._order), desc="compare", leave=False):
+        ia, ib = ca.info(n), cb.info(n)
+        same = (ia.dtype, ia.shape) == (ib.dtype, ib.shape) and tensor_sha256(ca, n) == tensor_sha256(cb, n)
+        if same:
+            n_equal += 1
+        else:
+            differ.append(n)
+    return Comparison(sorted(ka - kb), sorted(kb - ka), differ, n_equal)
+
+
+def shard_map(ck) -> dict[str, str]:
+    """tensor name -> shard file of a checkpoint (path or Checkpoint)."""
+    ck = ck if isinstance(ck, Checkpoint) else Checkpoint(ck)
+    return {n: i.shard for n, i in ck.infos.items()}
+
+
+def own_memory(model):
+    """Copy every parameter and buffer out of the safetensors mmap into fresh allocations.
+
+    Weights loaded straight from a mmap sit at whatever alignment their file offset gives, and
+    some CPU kernels round differently on misaligned data (seen: 9e-8 logit drift between the
+    same weights loaded from two layouts). Bit-exact comparisons load through this.
+    """
+    import torch.nn as nn
+
+    fresh: dict[int, nn.Parameter] = {}  # by id, so tied weights stay tied
+    with torch.no_grad():
+        for mod in model.modules():
+            for k, p in list(mod._parameters.items()):
+                if p is not None:
+                    if id(p) not in fresh:
+                        fresh[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    mod._parameters[k] = fresh[id(p)]
+            for k, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[k] = b.clone()
+    return model
+
+
+def load_check(path, dtype=torch.float32, own: bool = True, **kwargs):
+    """Load with AutoModelForCausalLM; raise naming any missing, unexpected or mismatched key.
+
+    `own=True` copies the weights into owned memory (see `own_memory`), so two loads of equal
+    tensors give bit-equal logits whatever their on-disk layout.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True, **kwargs)
+    if own:
+        own_memory(model)
+    bad = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
+    if bad:
+        detail = "; ".join(f"{k}: {v[:4]}{'...' if len(v) > 4 else ''}" for k, v in bad.items())
+        raise CheckpointError(f"{path}: does not load cleanly ({detail})")
+    return model
+
+
+# ---- command line ---------------------------------------------------------------------------
+def cli_copy(args) -> int:
+    out = copy_checkpoint(args.model, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"wrote {out} ({len(Checkpoint(out).shards)} shards)")
+    return 0
+
+
+def cli_compare(args) -> int:
+    c = compare(args.a, args.b)
+    print(c)
+    return 0 if c.equal else 1
+
+
+def cli_load_check(args) -> int:
+    model = load_check(args.model)
+    print(f"{args.model}: loads cleanly ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0

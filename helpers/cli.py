@@ -1,0 +1,130 @@
+"""Command line: `python -m helpers <command>`; every command is a thin call into one module.
+
+Usage: `python -m helpers --help`, `python -m helpers run --preset toy --only 03,04`
+
+Arguments are declared here, handlers live in their modules as `cli_<name>(args) -> int` and are
+imported only when their command runs, so `--help` stays instant (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _opt(p, *names, **kw):
+    """An option under its dashed name and, where it has one, its snake_case alias."""
+    names = list(names)
+    for n in list(names):
+        if n.startswith("--") and "-" in n[2:]:
+            alias = "--" + n[2:].replace("-", "_")
+            if alias not in names:
+                names.append(alias)
+    return p.add_argument(*names, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m helpers", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", metavar="<command>")
+
+    def cmd(name, handler, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = cmd("run", "helpers.runner:cli_run", "execute the notebooks headless with a preset's parameters")
+    _opt(p, "--preset", default="toy", help="configs/<preset>.yaml (default: toy)")
+    _opt(p, "--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
+    _opt(p, "--out", default=None, help="output root (default: runs/<preset>)")
+    _opt(p, "--set", action="append", default=[], metavar="NN.KEY=VALUE",
+         help="override one notebook parameter (YAML value), e.g. 01.MAX_STEPS=5; repeatable")
+    _opt(p, "--no-html", action="store_true", help="skip the HTML renders")
+
+    p = cmd("toy", "helpers.toy:cli_toy", "the toy world: tiny trained Mixtral and Mistral plus an MMLU-Pro-style set")
+    p.add_argument("action", choices=["build"], help="build (cached: rebuilt only when spec or seed change)")
+    _opt(p, "--out", default="runs/toy/world", help="output directory")
+    _opt(p, "--quick", action="store_true", help="tiny and fast (tests)")
+    _opt(p, "--seed", type=int, default=0)
+    _opt(p, "--force", action="store_true", help="rebuild even if cached")
+
+    p = cmd("expert-prune", "helpers.experts:cli_expert_prune", "keep k experts per layer of a Mixtral checkpoint")
+    _opt(p, "--model", required=True, help="checkpoint directory (legacy or fused expert keys)")
+    _opt(p, "--scores", help="scores.json from notebook 02")
+    _opt(p, "--criterion", default="delta_l2", help="score to rank experts by (with --scores)")
+    _opt(p, "--keep", type=int, help="experts kept per layer (with --scores)")
+    _opt(p, "--plan", help="plan.json {'keep': {'<layer>': [ids]}} instead of --scores")
+    _opt(p, "--out", required=True, help="output directory")
+    _opt(p, "--layout", choices=["standard", "consolidated", "both"], default="both")
+    _opt(p, "--max-shard-size", default=None, help="consolidated shard size, e.g. 10GB")
+    _opt(p, "--overwrite", action="store_true")
+
+    p = cmd("layer-drop", "helpers.layers:cli_layer_drop", "drop the most redundant block of layers (angular distance)")
+    _opt(p, "--model", required=True, help="checkpoint directory or hub id")
+    _opt(p, "--drop-frac", type=float, default=0.25, help="fraction of layers to drop, in [0, 1)")
+    _opt(p, "--keep-last-layer", action="store_true", help="only blocks that end before the last layer")
+    _opt(p, "--layers", default=None, help="explicit block a-b (0-based, inclusive); overrides the search")
+    _opt(p, "--calib", default="toy", help="toy | PATH (jsonl/parquet/txt) | c4 | wikitext")
+    _opt(p, "--n-samples", type=int, default=64)
+    _opt(p, "--seq-len", type=int, default=128)
+    _opt(p, "--save-dir", required=True, help="stage A checkpoint")
+    _opt(p, "--save-removed-dir", required=True, help="directory for bundles B, C, ...")
+    _opt(p, "--n-bundles", type=int, default=2)
+    _opt(p, "--overwrite", action="store_true")
+
+    p = cmd("assemble", "helpers.bundles:cli_assemble", "rebuild stage AB or FULL from stage A plus bundles")
+    _opt(p, "--base-model", required=True, help="stage A checkpoint")
+    _opt(p, "--bundles-dir", required=True)
+    _opt(p, "--stage", required=True, choices=["A", "AB", "FULL"])
+    _opt(p, "--out", required=True)
+    _opt(p, "--overwrite", action="store_true")
+
+    p = cmd("route", "helpers.routing:cli_route", "entropy-routed generation over stages A/AB/FULL (REPL without --prompt)")
+    _opt(p, "--base-model", required=True, help="stage A checkpoint")
+    _opt(p, "--bundles-dir", required=True)
+    _opt(p, "--thresholds", default=None, help="thresholds.json (default: BUNDLES/thresholds.json)")
+    _opt(p, "--prompt", default=None)
+    _opt(p, "--max-new-tokens", type=int, default=32)
+
+    p = cmd("evaluate", "helpers.evaluate:cli_evaluate", "MMLU-Pro or LightEval on one model")
+    _opt(p, "--model", required=True)
+    _opt(p, "--bench", choices=["mmlu-pro", "lighteval"], default="mmlu-pro")
+    _opt(p, "--mode", choices=["cot", "loglik", "cloze"], default="loglik")
+    _opt(p, "--data", default=None, help="local dir in the hub layout (default: TIGER-Lab/MMLU-Pro)")
+    _opt(p, "--limit", type=int, default=None, help="questions in total")
+    _opt(p, "--variant", default=None, help="variant name recorded in results.json")
+    _opt(p, "--out", required=True, help="eval_results/<preset>/<variant>/")
+
+    p = cmd("copy", "helpers.checkpoint:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
+    _opt(p, "--model", required=True)
+    _opt(p, "--out", required=True)
+    _opt(p, "--max-shard-size", default=None, help="pack to this size instead of mirroring")
+    _opt(p, "--overwrite", action="store_true")
+
+    p = cmd("compare", "helpers.checkpoint:cli_compare", "compare two checkpoints tensor by tensor (sha256)")
+    p.add_argument("a")
+    p.add_argument("b")
+
+    p = cmd("load-check", "helpers.checkpoint:cli_load_check", "load with AutoModelForCausalLM; fail on any missing/unexpected key")
+    p.add_argument("model")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "handler", None):
+        ap.print_help()
+        return 0
+    mod, fn = args.handler.split(":")
+    try:
+        return int(getattr(importlib.import_module(mod), fn)(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        # Bad input is a one-line message naming the culprit, not a traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Notebook plumbing: one call at the top of every notebook (repo root as cwd, plot style, seeds).
+
+Usage: `from helpers import nb; ROOT = nb.setup()`
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+
+
+def repo_root(start=None) -> Path:
+    p = Path(start or Path.cwd()).resolve()
+    for q in (p, *p.parents):
+        if (q / "pyproject.toml").exists() and (q / "helpers").is_dir():
+            return q
+    raise FileNotFoundError(f"no repo root (pyproject.toml + helpers/) above {p}")
+
+
+def setup(seed: int = 0, quiet: bool = True) -> Path:
+    """chdir to the repo root (paths in parameters are relative to it), seed, style plots."""
+    root = repo_root()
+    os.chdir(root)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    import torch
+
+    torch.manual_seed(seed)
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid")
+    if quiet:  # reports read as reports: library chatter off, progress bars stay
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "lighteval", "papermill"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as tlog
+
+            tlog.set_verbosity_error()
+        except ImportError:
+            pass
+    return root

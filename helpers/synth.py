@@ -1,0 +1,88 @@
+"""Random checkpoints the project builds itself: tiny ones for tests, large ones for benches.
+
+Usage: `save_random(tiny_config("mixtral"), "tmp/mx", n_shards=4)`; `synth_checkpoint(cfg, "big/", n_shards=19)`
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from helpers import arch
+from helpers.checkpoint import Entry, dtype_code, write_checkpoint
+
+TINY = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+TINY_LAYERS = {"mistral": 8, "llama": 4, "mixtral": 4}
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config of `model_type` (mixtral: 8 experts, top-2, like the real one)."""
+    kw = dict(TINY, num_hidden_layers=TINY_LAYERS[model_type])
+    if model_type == "mixtral":
+        kw.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=24)
+    kw.update(overrides)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def random_model(config, seed: int = 0, std: float | None = None):
+    """A randomly initialised causal LM in fp32, eval mode. `std` widens init so layers matter."""
+    torch.manual_seed(seed)
+    if std is not None:
+        config.initializer_range = std
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int = 0, model=None) -> Path:
+    """Save a random model (or `model`) in about `n_shards` shards; legacy expert keys unless `fused`."""
+    model = model or random_model(config, seed)
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    size = max(1, math.ceil(total / n_shards))
+    model.save_pretrained(out, max_shard_size=size, save_original_format=not fused)
+    return Path(out)
+
+
+def legacy_shapes(config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Tensor name -> (shape, dtype) as the checkpoint is written on disk (legacy expert keys)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    cfg = config.to_dict()
+    fam = arch.detect(cfg)
+    out = {}
+    for name, t in model.state_dict().items():
+        m = arch.FUSED_EXPERT_RE.match(name)
+        if m:
+            layer, kind = int(m.group(1)), m.group(2)
+            E = t.shape[0]
+            for e in range(E):
+                if kind == "gate_up_proj":  # [E, 2I, H] -> w1, w3 [I, H]
+                    half = (t.shape[1] // 2, t.shape[2])
+                    out[arch.LEGACY.experts["w1"].format(l=layer, e=e)] = (half, t.dtype)
+                    out[arch.LEGACY.experts["w3"].format(l=layer, e=e)] = (half, t.dtype)
+                else:  # [E, H, I] -> w2 [H, I]
+                    out[arch.LEGACY.experts["w2"].format(l=layer, e=e)] = (tuple(t.shape[1:]), t.dtype)
+        elif fam.is_moe and name == arch.FUSED.router.format(l=arch.layer_of(name) or 0):
+            out[arch.LEGACY.router.format(l=arch.layer_of(name))] = (tuple(t.shape), t.dtype)
+        else:
+            out[name] = (tuple(t.shape), t.dtype)
+    return out
+
+
+def synth_checkpoint(config, out, n_shards: int, dtype=torch.bfloat16, seed: int = 0, overwrite=False) -> Path:
+    """Stream a random checkpoint of `config` to disk in `n_shards` shards without building the model."""
+    shapes = legacy_shapes(config)
+    gen = torch.Generator().manual_seed(seed)
+
+    def maker(shape):
+        return lambda: (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+    entries = [Entry(n, dtype_code(dtype), s, make=maker(s)) for n, (s, _) in shapes.items()]
+    cfg = config.to_dict()
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    return write_checkpoint(out, entries, config=cfg, n_shards=n_shards, overwrite=overwrite, desc="synth")
