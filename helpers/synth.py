@@ -1,6 +1,6 @@
 """Random checkpoints the project builds itself: tiny ones for tests, large ones for benches.
 
-Usage: `save_random(tiny_config("mixtral"), "tmp/mx", n_shards=4)`; `synth_checkpoint(cfg, "big/", n_shards=19)`
+Usage: `save_random(tiny_config("mixtral"), "tmp/mx", n_shards=4, tokenizer=True)`; `synth_checkpoint(cfg, "big/", n_shards=19)`
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from helpers import arch
 from helpers.checkpoint import Entry, dtype_code, write_checkpoint
 
 TINY = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=320, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )
 TINY_LAYERS = {"mistral": 8, "llama": 4, "mixtral": 4}
@@ -30,6 +30,38 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kw)
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+)
+_CORPUS = (
+    "question : what is 3 plus 4 ? answer : 7 . which number is largest : 5 , 9 , 2 ? 9 . "
+    "the following are multiple choice questions ( with answers ) about arithmetic . think step by step "
+    "and then finish your answer with the answer is ( x ) . options : a b c d e f g h i j . "
+    "count the letters in apple . sort these words : pear , fig , kiwi . the next letter after c is d . "
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 "
+)
+
+
+def tiny_tokenizer(out=None, vocab_size: int = TINY["vocab_size"]):
+    """A byte-level BPE tokenizer (any text encodes) with a chat template; saved to `out` if given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    if out is not None:
+        fast.save_pretrained(out)
+    return fast
+
+
 def random_model(config, seed: int = 0, std: float | None = None):
     """A randomly initialised causal LM in fp32, eval mode. `std` widens init so layers matter."""
     torch.manual_seed(seed)
@@ -39,12 +71,18 @@ def random_model(config, seed: int = 0, std: float | None = None):
     return model.eval()
 
 
-def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int = 0, model=None) -> Path:
-    """Save a random model (or `model`) in about `n_shards` shards; legacy expert keys unless `fused`."""
+def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int = 0, model=None,
+                tokenizer: bool = True) -> Path:
+    """Save a random model (or `model`) in about `n_shards` shards; legacy expert keys unless `fused`.
+
+    With `tokenizer`, a tiny byte-level tokenizer (vocab = config.vocab_size) is saved beside it.
+    """
     model = model or random_model(config, seed)
     total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     size = max(1, math.ceil(total / n_shards))
     model.save_pretrained(out, max_shard_size=size, save_original_format=not fused)
+    if tokenizer:
+        tiny_tokenizer(out, vocab_size=config.vocab_size)
     return Path(out)
 
 
