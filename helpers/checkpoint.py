@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from helpers.fsutil import atomic_dir, file_sha256
@@ -34,20 +32,32 @@ SIDE_FILES = (
     "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json",
 )
+# safetensors dtype code -> (bytes per element, torch dtype name); torch is imported only when a
+# tensor is materialised, so byte-copying surgery starts in milliseconds.
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
 }
-DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
 class CheckpointError(ValueError):
     """A checkpoint on disk that cannot be read as it claims to be."""
 
 
-def dtype_code(dtype: torch.dtype) -> str:
-    return DTYPE_CODES[dtype]
+def dtype_code(dtype) -> str:
+    """safetensors code of a torch dtype (torch.bfloat16 -> 'BF16')."""
+    name = str(dtype).removeprefix("torch.")
+    for code, (_, n) in DTYPES.items():
+        if n == name:
+            return code
+    raise ValueError(f"dtype {dtype} has no safetensors code")
+
+
+def torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, DTYPES[code][1])
 
 
 def parse_size(size) -> int:
@@ -163,10 +173,12 @@ class Checkpoint:
     def _handle(self, shard: str):
         if self._open is None or self._open[0] != shard:
             self.close()
+            from safetensors import safe_open
+
             self._open = (shard, safe_open(str(self.path / shard), framework="pt").__enter__())
         return self._open[1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> "torch.Tensor":
         """One tensor, read from its shard (the only shard held open)."""
         return self._handle(self.info(name).shard).get_tensor(name)
 
@@ -174,7 +186,7 @@ class Checkpoint:
         """A lazy slice handle: `ck.get_slice(n)[e, :I]` reads only those bytes."""
         return self._handle(self.info(name).shard).get_slice(name)
 
-    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
         """(name, tensor) one at a time, in shard order so each shard is opened once."""
         wanted = self.keys() if names is None else sorted(names, key=self._order)
         for n in wanted:
@@ -210,14 +222,18 @@ class Entry:
     shape: tuple[int, ...]
     shard: str | None = None
     src: tuple[Path, int, int] | None = None
-    make: Callable[[], torch.Tensor] | None = None
+    make: Callable[[], "torch.Tensor"] | None = None
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPES[self.dtype][0]
 
 
 def copied(ck: Checkpoint, name: str, new_name: str | None = None) -> Entry:
@@ -226,7 +242,7 @@ def copied(ck: Checkpoint, name: str, new_name: str | None = None) -> Entry:
     return Entry(new_name or name, i.dtype, i.shape, i.shard, src=(ck.path / i.shard, i.start, i.end))
 
 
-def computed(name: str, like: TensorInfo | None, make: Callable[[], torch.Tensor], *,
+def computed(name: str, like: TensorInfo | None, make: Callable[[], "torch.Tensor"], *,
              dtype: str | None = None, shape=None, shard: str | None = None) -> Entry:
     """An entry materialised by `make()` at write time; dtype/shape/shard default to `like`'s."""
     return Entry(name, dtype or like.dtype, tuple(shape if shape is not None else like.shape),
@@ -263,6 +279,8 @@ def _write_tensor(e: Entry, dst) -> None:
     t = e.make()
     if tuple(t.shape) != tuple(e.shape) or dtype_code(t.dtype) != e.dtype:
         raise CheckpointError(f"{e.name}: made {dtype_code(t.dtype)}{list(t.shape)}, planned {e.dtype}{list(e.shape)}")
+    import torch
+
     dst.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
@@ -344,7 +362,7 @@ def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Ch
         for fname, group in files:
             _write_shard(tmp / fname, group, meta, bar)
         weight_map = {e.name: fname for fname, group in files for e in group}
-        params = sum(e.nbytes // torch.empty((), dtype=DTYPES[e.dtype]).element_size() for e in entries)
+        params = sum(e.numel for e in entries)
         index = {"metadata": {"total_parameters": params, "total_size": total}, "weight_map": weight_map}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if config is not None:
@@ -415,6 +433,7 @@ def own_memory(model):
     some CPU kernels round differently on misaligned data (seen: 9e-8 logit drift between the
     same weights loaded from two layouts). Bit-exact comparisons load through this.
     """
+    import torch
     import torch.nn as nn
 
     fresh: dict[int, nn.Parameter] = {}  # by id, so tied weights stay tied
@@ -431,14 +450,16 @@ def own_memory(model):
     return model
 
 
-def load_check(path, dtype=torch.float32, own: bool = True, **kwargs):
+def load_check(path, dtype="float32", own: bool = True, **kwargs):
     """Load with AutoModelForCausalLM; raise naming any missing, unexpected or mismatched key.
 
     `own=True` copies the weights into owned memory (see `own_memory`), so two loads of equal
     tensors give bit-equal logits whatever their on-disk layout.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True, **kwargs)
     if own:
         own_memory(model)
