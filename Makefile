@@ -2,7 +2,7 @@
 PRESET ?= toy
 ONLY ?=
 PY ?= python3.11
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KERNEL := pruning-lab
