@@ -228,8 +228,8 @@ def sft_config(p: Preset, out_dir, *, quantize: str | None, dev: str, seed: int 
         warmup_steps=min(p.warmup_steps, p.steps // 10), weight_decay=p.weight_decay,
         per_device_train_batch_size=p.batch_size, per_device_eval_batch_size=p.batch_size,
         gradient_accumulation_steps=p.grad_accum, max_length=p.max_length,
-        use_cpu=not gpu, bf16=gpu or quantize is not None, gradient_checkpointing=gpu,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gpu else None,
+        use_cpu=not gpu, bf16=gpu or quantize is not None, activation_checkpointing=gpu,  # = gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if gpu else None,
         logging_steps=logging_steps or max(1, p.steps // 100), save_strategy="no", eval_strategy="no",
         report_to="none", dataloader_num_workers=0, seed=seed, data_seed=seed, disable_tqdm=True)
 
