@@ -50,7 +50,7 @@ class Preset:
     grad_accum: int = 4
     max_length: int = 1024
     scheduler: str = "cosine"
-    warmup_steps: int = 100  # clamped to steps // 10 when a run is short
+    warmup_steps: int = 100  # train_lora clamps it to steps // 10 for short runs
     weight_decay: float = 0.0
     note: str = ""
 
@@ -86,6 +86,8 @@ def get_preset(name: str, **overrides) -> Preset:
             v = overrides[k]
             overrides[k] = (v,) if isinstance(v, str) else tuple(v)
     p = dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    if not (p.steps >= 1 and p.r >= 1 and p.batch_size >= 1 and p.grad_accum >= 1 and p.lr > 0):
+        raise ValueError(f"preset {name!r}: steps, r, batch_size, grad_accum must be >= 1 and lr > 0")
     if p.target_parameters and p.dropout:
         raise ValueError(f"preset {name!r}: dropout={p.dropout} with target_parameters {list(p.target_parameters)}; "
                          "peft's ParamWrapper needs dropout=0")
@@ -218,14 +220,13 @@ def weight_bytes(model) -> dict[str, int]:
     return out
 
 
-def sft_config(p: Preset, out_dir, *, quantize: str | None, dev: str, seed: int = 0, logging_steps: int | None = None):
-    """trl SFTConfig for a preset on this device (CPU needs use_cpu and no bf16/checkpointing)."""
-    from trl import SFTConfig
-
+def sft_kwargs(p: Preset, out_dir, *, quantize: str | None, dev: str, seed: int = 0,
+               logging_steps: int | None = None) -> dict:
+    """trl SFTConfig fields for a preset on this device (CPU: use_cpu, no bf16, no checkpointing)."""
     gpu = dev == "cuda"
-    return SFTConfig(
+    return dict(
         output_dir=str(out_dir), max_steps=p.steps, learning_rate=p.lr, lr_scheduler_type=p.scheduler,
-        warmup_steps=min(p.warmup_steps, p.steps // 10), weight_decay=p.weight_decay,
+        warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
         per_device_train_batch_size=p.batch_size, per_device_eval_batch_size=p.batch_size,
         gradient_accumulation_steps=p.grad_accum, max_length=p.max_length,
         use_cpu=not gpu, bf16=gpu or quantize is not None, activation_checkpointing=gpu,  # = gradient_checkpointing
@@ -281,11 +282,13 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
     max_length, batch_size, grad_accum, warmup_steps, scheduler, weight_decay).
     With `eval_dataset`, the eval loss is measured before and after training.
     """
+    import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
     p = get_preset(preset, **overrides)
+    p = dataclasses.replace(p, warmup_steps=min(p.warmup_steps, p.steps // 10))  # what actually runs
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
@@ -305,10 +308,9 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
     if quantize:
         prepare_kbit(model)
     bytes_by_dtype = weight_bytes(model)
-    import datasets
 
     with tempfile.TemporaryDirectory(prefix="sft-") as scratch:
-        args = sft_config(p, scratch, quantize=quantize, dev=dev, seed=seed, logging_steps=logging_steps)
+        args = SFTConfig(**sft_kwargs(p, scratch, quantize=quantize, dev=dev, seed=seed, logging_steps=logging_steps))
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # four map() bars per dataset otherwise
         try:
@@ -327,8 +329,11 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
         if eval_ds is not None:
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         peft_model = trainer.model
+        history = list(trainer.state.log_history)
+        if "eval_loss_before" in metrics:  # train() starts a fresh state, dropping the step-0 eval
+            history.insert(0, {"step": 0, "eval_loss": metrics["eval_loss_before"]})
         n_train = sum(q.numel() for q in peft_model.parameters() if q.requires_grad)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses = [h["loss"] for h in history if "loss" in h]
         metrics.update(train_loss=out.training_loss, first_loss=losses[0] if losses else None,
                        final_loss=losses[-1] if losses else None, runtime_s=out.metrics.get("train_runtime"),
                        trainable_params=n_train, train_rows=len(train_ds), weight_bytes=bytes_by_dtype,
@@ -338,9 +343,9 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
-            write_json(tmp / "log_history.json", trainer.state.log_history)
+            write_json(tmp / "log_history.json", history)
             write_json(tmp / "train_config.json", info)
-    return TrainResult(out_dir, trainer.state.log_history, dataclasses.asdict(p), metrics)
+    return TrainResult(out_dir, history, dataclasses.asdict(p), metrics)
 
 
 def history_frame(log_history):

@@ -72,11 +72,15 @@ def test_mixtral_preset_targets_attention_and_fused_experts():
     assert cfg.lora_dropout == 0.0  # ParamWrapper refuses dropout
 
 
-def test_overrides_replace_fields_and_warmup_is_clamped(tmp_path):
+def test_overrides_replace_fields(tmp_path):
     p = finetune.get_preset("ffn-healing", steps=20, lr=1e-3, targets="up_proj")
     assert (p.steps, p.lr, p.targets, p.r) == (20, 1e-3, ("up_proj",), 4)
-    args = finetune.sft_config(p, tmp_path, quantize=None, dev="cpu")
-    assert (args.warmup_steps, args.max_steps, args.use_cpu, args.bf16, args.gradient_checkpointing) == (2, 20, True, False, False)
+    from trl import SFTConfig
+
+    args = SFTConfig(**finetune.sft_kwargs(p, tmp_path, quantize=None, dev="cpu"))  # CPU: trl needs use_cpu
+    assert (args.max_steps, args.learning_rate, args.use_cpu, args.bf16, args.gradient_checkpointing) == (20, 1e-3, True, False, False)
+    gpu = finetune.sft_kwargs(p, tmp_path, quantize="4bit", dev="cuda")  # SFTConfig refuses bf16 without a GPU
+    assert (gpu["use_cpu"], gpu["bf16"], gpu["activation_checkpointing"]) == (False, True, True)
 
 
 # ---- training reaches the experts; merge is exact --------------------------------------------
@@ -86,6 +90,9 @@ def test_training_lowers_loss(mixtral_run):
     assert m["eval_loss_after"] < m["eval_loss_before"]
     assert m["final_loss"] < m["first_loss"]
     assert len(res.losses) == 6
+    assert res.preset["warmup_steps"] == 0  # 30 clamped to steps // 10
+    evals = [(h["step"], h["eval_loss"]) for h in res.log_history if "eval_loss" in h]
+    assert evals == [(0, m["eval_loss_before"]), (6, m["eval_loss_after"])]
     on_disk = json.loads((res.adapter_dir / "log_history.json").read_text())
     assert [h.get("loss") for h in on_disk] == [h.get("loss") for h in res.log_history]
 
