@@ -390,6 +390,40 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
     return out_dir
 
 
+def expert_factors(adapter_dir) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Fused-expert LoRA factors of an adapter, read from its file alone (no model, nothing merged).
+
+    (layer, "gate_up_proj" | "down_proj") -> (B [E, out, r] with the scale folded in, A [E, r, in]):
+    expert e's change is B[e] @ A[e], laid out like the fused parameter (gate_up_proj [2I, H]: w1 rows
+    then w3 rows; down_proj [H, I]: w2). peft's ParamWrapper stores lora_A [r*E, in] expert-major
+    and lora_B [out, r*E] rank-major (column k*E + e); two parameters of one module nest, and the
+    deeper `base_layer.` wrapper holds the one the module defines first (gate_up_proj).
+    """
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    pat = re.compile(r"layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)lora_A\.weight$")
+    out: dict = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        found: dict[int, list[tuple[int, str]]] = {}
+        for k in f.keys():
+            if m := pat.search(k):
+                found.setdefault(int(m.group(1)), []).append((m.group(2).count("base_layer."), k))
+        for layer, keys in found.items():
+            if len(keys) != 2:
+                raise ValueError(f"{adapter_dir}: layer {layer} has {len(keys)} fused-expert LoRA pairs, expected 2")
+            for (_, ka), name in zip(sorted(keys, reverse=True), ("gate_up_proj", "down_proj")):
+                a, b = f.get_tensor(ka).float(), f.get_tensor(ka.replace("lora_A", "lora_B")).float()
+                E = a.shape[0] // r
+                A = a.reshape(E, r, -1)  # [E, r, in]
+                B = b.reshape(b.shape[0], r, E).permute(2, 0, 1) * scale  # [out, r*E] -> [E, out, r]
+                out[(layer, name)] = (B, A)
+    return out
+
+
 def delta_summary(base_dir, merged_dir):
     """Per tensor kind (attention, expert w1/w2/w3, router, ffn, other): how many changed, relative delta.
 

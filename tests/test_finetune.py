@@ -130,6 +130,23 @@ def test_delta_summary_separates_router_from_experts(mixtral_run):
     assert d.loc["other", "changed"] == 0
 
 
+def test_expert_factors_give_the_merged_expert_deltas(mixtral_run):
+    base, res, merged = mixtral_run
+    a, b = Checkpoint(base), Checkpoint(merged)
+    cfg = a.config
+    factors = finetune.expert_factors(res.adapter_dir)
+    assert set(factors) == {(l, p) for l in range(cfg["num_hidden_layers"]) for p in ("gate_up_proj", "down_proj")}
+    I = cfg["intermediate_size"]
+    for (layer, name), (B, A) in factors.items():
+        delta = B @ A  # [E, out, in]
+        for e in range(cfg["num_local_experts"]):
+            key = arch.LEGACY.experts
+            parts = ({"w1": delta[e, :I], "w3": delta[e, I:]} if name == "gate_up_proj" else {"w2": delta[e]})
+            for w, d in parts.items():
+                n = key[w].format(l=layer, e=e)
+                torch.testing.assert_close(b.get(n) - a.get(n), d, rtol=0, atol=1e-6)
+
+
 def test_merged_loads_cleanly_and_equals_peft_logits(mixtral_run):
     from peft import PeftModel
 
@@ -147,6 +164,8 @@ def test_merged_loads_cleanly_and_equals_peft_logits(mixtral_run):
 @pytest.mark.parametrize("name, targets", [("mistral-healing", finetune.ATTENTION), ("ffn-healing", finetune.FFN)])
 def test_healing_presets_change_only_their_targets(tmp_path, tiny_mistral, name, targets):
     rows = sft_rows(_tok(tiny_mistral), n=8)
+    if name == "ffn-healing":  # the paper heals on plain text (C4): "text" rows, no chat template
+        rows = [{"text": f"{r['messages'][0]['content']} {r['messages'][1]['content']}"} for r in rows]
     res = finetune.train_lora(tiny_mistral, rows, tmp_path / "adapter", preset=name, steps=2, batch_size=4,
                               grad_accum=1, max_length=48)
     assert res.preset["lr"] == 3e-6
