@@ -1,0 +1,281 @@
+"""LoRA fine-tuning: presets, the LoRA reaching the fused experts, merge exactness, QLoRA kwargs, notebook 01."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import arch, checkpoint, finetune
+from helpers.checkpoint import Checkpoint
+
+ATTN_RE = r"self_attn\.[qkvo]_proj\.weight$"
+
+
+def sft_rows(tok, n: int = 24) -> list[dict]:
+    """Chat rows of a tiny arithmetic task, checked to render through the fixture's chat template."""
+    rows = [{"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
+                          {"role": "assistant", "content": f"the answer is {a + b} ."}]}
+            for a in range(6) for b in range(4)][:n]
+    text = tok.apply_chat_template(rows[0]["messages"], tokenize=False)
+    assert "[INST] what is 0 plus 0 ? [/INST]" in text and text.endswith("</s>")
+    return rows
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _names(ck_dir, pattern: str) -> set[str]:
+    import re
+
+    return {n for n in Checkpoint(ck_dir).keys() if re.search(pattern, n)}
+
+
+@pytest.fixture(scope="module")
+def mixtral_run(tmp_path_factory, tiny_mixtral):
+    """mixtral-experts LoRA trained for a few steps on the tiny Mixtral, and its merged checkpoint."""
+    out = tmp_path_factory.mktemp("ft")
+    rows = sft_rows(_tok(tiny_mixtral))
+    res = finetune.train_lora(tiny_mixtral, rows, out / "adapter", preset="mixtral-experts", steps=6, lr=1e-2,
+                              r=4, alpha=8, batch_size=4, grad_accum=1, max_length=48, eval_dataset=rows[:8],
+                              logging_steps=1)
+    merged = finetune.merge_adapter(tiny_mixtral, res.adapter_dir, out / "merged")
+    return tiny_mixtral, res, merged
+
+
+# ---- presets --------------------------------------------------------------------------------
+def test_mistral_healing_preset_is_the_seed_recipe():
+    p = finetune.get_preset("mistral-healing")
+    assert (set(p.targets), p.target_parameters, p.r, p.alpha, p.lr) == ({"q_proj", "k_proj", "v_proj", "o_proj"}, (), 4, 4, 3e-6)
+    cfg = finetune.lora_config(p)
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} and cfg.r == 4 and cfg.lora_alpha == 4
+    assert not cfg.target_parameters
+
+
+def test_ffn_healing_preset_is_the_papers():
+    p = finetune.get_preset("ffn-healing")
+    assert set(p.targets) == {"gate_proj", "up_proj", "down_proj"} and p.alpha == p.r
+    assert (p.dropout, p.scheduler, p.warmup_steps, p.lr, p.r) == (0.05, "cosine", 100, 3e-6, 4)
+    assert p.batch_size * p.grad_accum == 16
+
+
+def test_mixtral_preset_targets_attention_and_fused_experts():
+    cfg = finetune.lora_config(finetune.get_preset("mixtral-experts"))
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert list(cfg.target_parameters) == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert cfg.lora_dropout == 0.0  # ParamWrapper refuses dropout
+
+
+def test_overrides_replace_fields(tmp_path):
+    p = finetune.get_preset("ffn-healing", steps=20, lr=1e-3, targets="up_proj")
+    assert (p.steps, p.lr, p.targets, p.r) == (20, 1e-3, ("up_proj",), 4)
+    from trl import SFTConfig
+
+    args = SFTConfig(**finetune.sft_kwargs(p, tmp_path, quantize=None, dev="cpu"))  # CPU: trl needs use_cpu
+    assert (args.max_steps, args.learning_rate, args.use_cpu, args.bf16, args.gradient_checkpointing) == (20, 1e-3, True, False, False)
+    gpu = finetune.sft_kwargs(p, tmp_path, quantize="4bit", dev="cuda")  # SFTConfig refuses bf16 without a GPU
+    assert (gpu["use_cpu"], gpu["bf16"], gpu["activation_checkpointing"]) == (False, True, True)
+
+
+# ---- training reaches the experts; merge is exact --------------------------------------------
+def test_training_lowers_loss(mixtral_run):
+    _, res, _ = mixtral_run
+    m = res.metrics
+    assert m["eval_loss_after"] < m["eval_loss_before"]
+    assert m["final_loss"] < m["first_loss"]
+    assert len(res.losses) == 6
+    assert res.preset["warmup_steps"] == 0  # 30 clamped to steps // 10
+    evals = [(h["step"], h["eval_loss"]) for h in res.log_history if "eval_loss" in h]
+    assert evals == [(0, m["eval_loss_before"]), (6, m["eval_loss_after"])]
+    on_disk = json.loads((res.adapter_dir / "log_history.json").read_text())
+    assert [h.get("loss") for h in on_disk] == [h.get("loss") for h in res.log_history]
+
+
+def test_adapter_holds_per_expert_factors(mixtral_run):
+    base, res, _ = mixtral_run
+    cfg = json.loads((res.adapter_dir / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == sorted(finetune.FUSED_EXPERTS)
+    E = Checkpoint(base).config["num_local_experts"]
+    with safe_open(str(res.adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    # one rank-4 factor pair per expert: A rows = r * E for both fused stacks of every layer
+    fused_a = [s for k, s in shapes.items() if "mlp.experts" in k and "lora_A" in k]
+    assert len(fused_a) == 2 * Checkpoint(base).config["num_hidden_layers"]
+    assert all(s[0] == 4 * E for s in fused_a)
+
+
+def test_merged_changes_exactly_experts_and_attention(mixtral_run):
+    base, _, merged = mixtral_run
+    c = checkpoint.compare(base, merged)
+    assert not c.only_a and not c.only_b  # legacy expert keys, same names as the base
+    experts = {n for n in Checkpoint(base).keys() if arch.LEGACY_EXPERT_RE.match(n)}
+    attention = _names(base, ATTN_RE)
+    assert experts and attention
+    assert set(c.differ) == experts | attention  # routers, norms, embeddings byte-identical
+    assert not set(c.differ) & _names(base, r"block_sparse_moe\.gate\.weight$")
+
+
+def test_delta_summary_separates_router_from_experts(mixtral_run):
+    base, _, merged = mixtral_run
+    d = finetune.delta_summary(base, merged).set_index("kind")
+    for k in ("expert w1", "expert w2", "expert w3", "attention"):
+        assert d.loc[k, "changed"] == d.loc[k, "tensors"] and d.loc[k, "mean_rel_delta"] > 0
+    assert d.loc["router", "changed"] == 0 and d.loc["router", "max_rel_delta"] == 0.0
+    assert d.loc["other", "changed"] == 0
+
+
+def test_expert_factors_give_the_merged_expert_deltas(mixtral_run):
+    base, res, merged = mixtral_run
+    a, b = Checkpoint(base), Checkpoint(merged)
+    cfg = a.config
+    factors = finetune.expert_factors(res.adapter_dir)
+    assert set(factors) == {(l, p) for l in range(cfg["num_hidden_layers"]) for p in ("gate_up_proj", "down_proj")}
+    I = cfg["intermediate_size"]
+    for (layer, name), (B, A) in factors.items():
+        delta = B @ A  # [E, out, in]
+        for e in range(cfg["num_local_experts"]):
+            key = arch.LEGACY.experts
+            parts = ({"w1": delta[e, :I], "w3": delta[e, I:]} if name == "gate_up_proj" else {"w2": delta[e]})
+            for w, d in parts.items():
+                n = key[w].format(l=layer, e=e)
+                torch.testing.assert_close(b.get(n) - a.get(n), d, rtol=0, atol=1e-6)
+
+
+def test_merged_loads_cleanly_and_equals_peft_logits(mixtral_run):
+    from peft import PeftModel
+
+    base, res, merged = mixtral_run
+    ids = _tok(base)("what is 3 plus 2 ? the answer is 5 .", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = checkpoint.load_check(base).eval()
+        base_logits = ref(ids).logits
+        peft_logits = PeftModel.from_pretrained(ref, str(res.adapter_dir)).eval()(ids).logits
+        merged_logits = checkpoint.load_check(merged).eval()(ids).logits
+    assert (merged_logits - peft_logits).abs().max().item() <= 1e-5
+    assert (merged_logits - base_logits).abs().max().item() > 1e-3  # the adapter did something
+
+
+@pytest.mark.parametrize("name, targets", [("mistral-healing", finetune.ATTENTION), ("ffn-healing", finetune.FFN)])
+def test_healing_presets_change_only_their_targets(tmp_path, tiny_mistral, name, targets):
+    rows = sft_rows(_tok(tiny_mistral), n=8)
+    if name == "ffn-healing":  # the paper heals on plain text (C4): "text" rows, no chat template
+        rows = [{"text": f"{r['messages'][0]['content']} {r['messages'][1]['content']}"} for r in rows]
+    res = finetune.train_lora(tiny_mistral, rows, tmp_path / "adapter", preset=name, steps=2, batch_size=4,
+                              grad_accum=1, max_length=48)
+    assert res.preset["lr"] == 3e-6
+    merged = finetune.merge_adapter(tiny_mistral, res.adapter_dir, tmp_path / "merged")
+    c = checkpoint.compare(tiny_mistral, merged)
+    pattern = r"\.(" + "|".join(targets) + r")\.weight$"
+    assert not c.only_a and not c.only_b
+    assert set(c.differ) == _names(tiny_mistral, pattern)
+
+
+# ---- QLoRA ----------------------------------------------------------------------------------
+def test_4bit_load_kwargs():
+    gpu = finetune.load_kwargs("4bit", "cuda")
+    q = gpu["quantization_config"]
+    assert gpu["device_map"] == "auto" and gpu["dtype"] == torch.bfloat16
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    cpu = finetune.load_kwargs(None, "cpu")
+    assert cpu == {"dtype": torch.float32}
+
+
+def test_4bit_prepare_keeps_fused_experts_bf16(tiny_mixtral):
+    from transformers import AutoModelForCausalLM
+
+    model = finetune.prepare_kbit(AutoModelForCausalLM.from_pretrained(str(tiny_mixtral), **finetune.load_kwargs("4bit", "cpu")))
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == "Linear4bit"
+    assert layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16  # not quantized, and not upcast either
+    assert layer.input_layernorm.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_qlora_one_step_on_cpu(tmp_path, tiny_mixtral):
+    rows = sft_rows(_tok(tiny_mixtral), n=4)
+    res = finetune.train_lora(tiny_mixtral, rows, tmp_path / "adapter", preset="mixtral-experts", quantize="4bit",
+                              steps=1, batch_size=2, grad_accum=1, max_length=32, logging_steps=1)
+    assert res.metrics["weight_bytes"]["uint8"] > 0 and len(res.losses) == 1
+    merged = finetune.merge_adapter(tiny_mixtral, res.adapter_dir, tmp_path / "merged")
+    checkpoint.load_check(merged)
+    assert set(checkpoint.compare(tiny_mixtral, merged).differ) >= _names(tiny_mixtral, ATTN_RE)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def _one_line(exc_info, *words):
+    msg = str(exc_info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_bad_input_is_one_line(tmp_path, tiny_mixtral, tiny_mistral, mixtral_run):
+    rows = sft_rows(_tok(tiny_mixtral), n=4)
+    with pytest.raises(ValueError) as e:
+        finetune.get_preset("mixtral-everything")
+    _one_line(e, "mixtral-everything", "mistral-healing")
+    with pytest.raises(ValueError) as e:
+        finetune.get_preset("mistral-healing", rank=4)
+    _one_line(e, "rank")
+    with pytest.raises(ValueError) as e:
+        finetune.get_preset("mixtral-experts", dropout=0.1)
+    _one_line(e, "dropout", "target_parameters")
+    with pytest.raises(ValueError) as e:  # FFN targets do not exist in a MoE model
+        finetune.train_lora(tiny_mixtral, rows, tmp_path / "a", preset="ffn-healing", steps=1)
+    _one_line(e, "gate_proj", str(tiny_mixtral))
+    with pytest.raises(ValueError) as e:  # fused experts do not exist in a dense model
+        finetune.train_lora(tiny_mistral, rows, tmp_path / "a", preset="mixtral-experts", steps=1)
+    _one_line(e, "mlp.experts.gate_up_proj")
+    with pytest.raises(ValueError) as e:
+        finetune.train_lora(tiny_mixtral, rows, tmp_path / "a", preset="mixtral-experts", targets=["qq_proj"])
+    _one_line(e, "qq_proj")
+    with pytest.raises(ValueError) as e:
+        finetune.load_kwargs("8bit", "cpu")
+    _one_line(e, "8bit")
+    with pytest.raises(ValueError) as e:
+        finetune.sft_dataset([{"prompt": "x"}])
+    _one_line(e, "messages", "prompt")
+    with pytest.raises(FileNotFoundError) as e:
+        finetune.sft_dataset(tmp_path / "nope.jsonl")
+    _one_line(e, "nope.jsonl")
+    with pytest.raises(FileNotFoundError) as e:
+        finetune.merge_adapter(tiny_mixtral, tmp_path, tmp_path / "m")
+    _one_line(e, "adapter_config.json")
+    base, res, merged = mixtral_run
+    with pytest.raises(FileExistsError) as e:
+        finetune.merge_adapter(base, res.adapter_dir, merged)
+    _one_line(e, str(merged))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+
+
+# ---- notebook 01 ----------------------------------------------------------------------------
+def test_notebook_01_runs_on_a_fixture_world(tmp_path, tiny_mixtral):
+    """A world manifest pointing at the tiny Mixtral plus jsonl rows; smoke parameters from configs/smoke.yaml."""
+    import papermill as pm
+    import yaml
+
+    from helpers.manifest import Manifest, load
+
+    root = Path(__file__).resolve().parents[1]
+    world = tmp_path / "world"
+    (world / "finetune").mkdir(parents=True)
+    rows = sft_rows(_tok(tiny_mixtral))
+    for split, part in (("train", rows[:16]), ("eval", rows[16:])):
+        (world / "finetune" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    Manifest("toy").output("mixtral", tiny_mixtral).output("finetune", world / "finetune").save(world)
+    params = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())["notebooks"]["01"]
+    run_dir = tmp_path / "01_finetune_mixtral"
+    params |= {"PRESET": "smoke", "WORLD_MANIFEST": str(world / "manifest.json"), "RUN_DIR": str(run_dir)}
+    pm.execute_notebook(str(root / "notebooks" / "01_finetune_mixtral.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters=params, kernel_name="pruning-lab", cwd=str(root), progress_bar=False)
+    m = load(run_dir)
+    assert m["inputs"]["base"]["path"] == str(tiny_mixtral)
+    assert {"adapter", "merged", "loss_curve"} <= set(m["outputs"])
+    assert all(Path(o["path"]).exists() for o in m["outputs"].values())
+    assert m["metrics"]["changed"]["router"] == 0 and m["metrics"]["changed"]["expert w2"] > 0
+    checkpoint.load_check(m["outputs"]["merged"]["path"])
