@@ -40,7 +40,7 @@ def setup(seed: int = 0, quiet: bool = True) -> Path:
     if quiet:  # reports read as reports: library chatter off, progress bars stay
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "lighteval", "papermill"):
+        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "lighteval", "papermill", "bitsandbytes"):
             logging.getLogger(name).setLevel(logging.ERROR)
         try:
             from transformers.utils import logging as tlog
