@@ -205,6 +205,17 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
     return {**rec, "paths": {k: str(v) for k, v in paths.items()}}
 
 
+def size_table(rec: dict):
+    """Parameters, GB and shard count before and after (per written layout), from a prune record."""
+    import pandas as pd
+
+    cols = {"before": [rec["params"]["before"], rec["bytes"]["before"] / 1e9, rec["shards"]["source"]]}
+    for lay in ("standard", "consolidated"):
+        if lay in rec["shards"]:
+            cols[f"after ({lay})"] = [rec["params"]["after"], rec["bytes"]["after"] / 1e9, rec["shards"][lay]]
+    return pd.DataFrame(cols, index=["params", "GB", "shards"])
+
+
 def _n_shards(path) -> int:
     return len(list(Path(path).glob("*.safetensors")))
 

@@ -246,6 +246,17 @@ def random_scores(n_layers: int, n_experts: int, seed: int = 0) -> list[list[flo
     return np.random.default_rng(seed).random((n_layers, n_experts)).tolist()
 
 
+def collect_criteria(delta: dict, routing: dict | None, distances: dict, seed: int = 0) -> dict[str, list]:
+    """Every [L][E] criterion by name: delta_l2 (+ per weight), frequency, reap, uniqueness, random."""
+    L, E = np.asarray(delta["all"]).shape
+    out = {"delta_l2": delta["all"], **{f"delta_l2_{w}": delta[w] for w in WEIGHTS}}
+    if routing is not None:
+        out.update(frequency=routing["frequency"], reap=routing["reap"])
+    out["uniqueness"] = uniqueness(distances)
+    out["random"] = random_scores(L, E, seed)
+    return out
+
+
 # ---- scores.json ------------------------------------------------------------------------------
 def make_scores(config: dict, criteria: dict[str, list], *, distances: dict | None = None, meta: dict | None = None) -> dict:
     """scores.json content: the model fingerprint, [L][E] criteria (higher = keep), distances."""
