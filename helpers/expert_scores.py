@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
@@ -281,8 +280,9 @@ def load_scores(path) -> dict:
     return s
 
 
-def rank_agreement(criteria: dict[str, list]) -> pd.DataFrame:
-    """Mean over layers of the Spearman correlation between each pair of criteria's expert rankings."""
+def rank_agreement(criteria: dict[str, list]):
+    """Mean over layers of the Spearman correlation between each pair of criteria's expert rankings (DataFrame)."""
+    import pandas as pd
     from scipy.stats import spearmanr
 
     names = list(criteria)
