@@ -23,7 +23,7 @@ from helpers.experts import ExpertView, check_fingerprint, fingerprint, local_di
 from helpers.fsutil import atomic_dir, read_json, write_json
 
 LAYOUTS = ("standard", "consolidated", "both")
-RECORD = "expert_prune.json"
+RECORD = "manifest.json"
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def _sizes(entries: list[Entry]) -> tuple[int, int]:
 
 def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None,
                        overwrite: bool = False) -> dict:
-    """Write the pruned checkpoint(s); returns the record also saved as `expert_prune.json`.
+    """Write the pruned checkpoint(s); returns a record of them, also saved as OUT/manifest.json.
 
     standard: OUT mirrors the input's shards (each tensor in its source's shard). consolidated:
     OUT packed into another shard count (half the input's, or `max_shard_size` each). both:
@@ -185,7 +185,7 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
     write = dict(config=config, side_files_from=view.ck.path, desc="prune")
     if layout == "both":
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            write_json(tmp / "plan.json", plan)
+            write_json(tmp / "plan.json", plan)  # first, so the dir always says what it holds
             std = write_checkpoint(tmp / "standard", entries, like=view.ck, **write)
             con = write_checkpoint(tmp / "consolidated", entries, **packed, **write)
             cmp = compare(std, con)
@@ -193,16 +193,32 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
                 raise CheckpointError(f"{out}: standard and consolidated layouts differ: {cmp}")
             rec.update(identical=True, compare=str(cmp))
             rec["shards"].update(standard=_n_shards(std), consolidated=_n_shards(con))
-            write_json(tmp / RECORD, rec)
         paths = {"standard": out / "standard", "consolidated": out / "consolidated"}
     else:
         kw = {"like": view.ck} if layout == "standard" else packed
         write_checkpoint(out, entries, overwrite=overwrite, **kw, **write)
         rec["shards"][layout] = _n_shards(out)
-        write_json(out / RECORD, rec)
         paths = {layout: out}
     view.close()
-    return {**rec, "paths": {k: str(v) for k, v in paths.items()}}
+    rec["paths"] = {k: str(v) for k, v in paths.items()}
+    _record(out, rec, plan, max_shard_size)
+    return rec
+
+
+def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
+    """OUT/manifest.json: what was pruned from what, the layouts written and their verification."""
+    from helpers.manifest import Manifest
+
+    m = Manifest("expert_prune", {"layout": rec["layout"], "max_shard_size": max_shard_size, "k": rec["plan"]["k"],
+                                  "criterion": plan.get("criterion")})
+    m.input("model", rec["source"], hash=False)
+    if (out / "plan.json").exists():
+        m.output("plan", out / "plan.json")
+    for name, path in rec["paths"].items():
+        m.output(name, path, hash=False)
+    m.metrics(**{k: rec[k] for k in ("source_format", "bytes", "params", "shards", "identical", "compare") if k in rec})
+    m.data["plan"] = rec["plan"]
+    return m.save(out)
 
 
 def size_table(rec: dict):

@@ -213,7 +213,7 @@ def router_stats(model, tokenizer, texts: list[str], *, max_length: int = 256, b
         def fn(gate, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
             _, weights, idx = output  # [T, k] normalised top-k gate weights, expert ids
-            keep = state["mask"]
+            keep = state["mask"].to(idx.device)  # layers may sit on different GPUs
             for j in idx[keep].unique().tolist():
                 hit = (idx == j) & keep[:, None]  # [T, k]
                 t, slot = hit.nonzero(as_tuple=True)

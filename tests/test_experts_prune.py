@@ -118,7 +118,8 @@ def test_both_layouts_load_cleanly_and_hold_identical_tensors(tmp_path, tiny_mix
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb)
     on_disk = json.loads((tmp_path / "out" / xp.RECORD).read_text())
-    assert on_disk["identical"] is True and on_disk["shards"]["consolidated"] == n_con
+    assert on_disk["metrics"]["identical"] is True and on_disk["metrics"]["shards"]["consolidated"] == n_con
+    assert set(on_disk["outputs"]) == {"plan", "standard", "consolidated"}
     assert json.loads((tmp_path / "out" / "plan.json").read_text()) == plan
     assert rec["bytes"]["after"] < rec["bytes"]["before"]
 
