@@ -149,4 +149,7 @@ def local_dir(model) -> Path:
         raise FileNotFoundError(f"{model}: not a checkpoint directory (nor a hub id org/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(model), allow_patterns=["*.safetensors", "*.json", "*.model", "*.jinja"]))
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["*.safetensors", "*.json", "*.model", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, no access: one line naming what was asked for
+        raise FileNotFoundError(f"{model}: no such checkpoint directory, and not fetchable from the hub ({type(e).__name__})") from None

@@ -206,3 +206,9 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_mixtral, scores_file, ca
     assert _cli(*args) == 2 and "already exists" in capsys.readouterr().err
     assert _cli(*args, "--overwrite") == 0
     assert compare(tmp_path / "out" / "standard", tmp_path / "out" / "consolidated").equal
+
+
+def test_missing_model_is_one_line_error(tmp_path, scores_file, capsys):
+    rc = _cli("--model", tmp_path / "absent", "--scores", scores_file, "--keep", 4, "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "absent: not a checkpoint directory" in err, err
