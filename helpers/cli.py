@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--seed", type=int, default=0)
     _opt(p, "--force", action="store_true", help="rebuild even if cached")
 
-    p = cmd("expert-prune", "helpers.experts:cli_expert_prune", "keep k experts per layer of a Mixtral checkpoint")
+    p = cmd("expert-prune", "helpers.expert_prune:cli_expert_prune", "keep k experts per layer of a Mixtral checkpoint")
     _opt(p, "--model", required=True, help="checkpoint directory (legacy or fused expert keys)")
     _opt(p, "--scores", help="scores.json from notebook 02")
     _opt(p, "--criterion", default="delta_l2", help="score to rank experts by (with --scores)")

@@ -1,0 +1,315 @@
+"""Keep k experts per layer of a Mixtral checkpoint: a pure plan, then a streaming apply.
+
+The plan is `{"keep": {"<layer>": [sorted expert ids]}, ...}`. Applying it reads legacy or fused
+input and writes legacy names: kept experts are renumbered 0..k-1 in ascending original id, the
+router keeps their rows ([E, H] -> [k, H]) and `num_local_experts` becomes k. Every expert weight
+is copied as a byte range (a fused tensor's [e, rows] block is contiguous), so the prune reads only
+what it keeps; only the routers are materialised.
+
+Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/", layout="both")`
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helpers import arch
+from helpers.checkpoint import CheckpointError, Entry, compare, computed, copied, write_checkpoint
+from helpers.experts import ExpertView, check_fingerprint, fingerprint, local_dir, moe_family
+from helpers.fsutil import atomic_dir, read_json, write_json
+
+LAYOUTS = ("standard", "consolidated", "both")
+RECORD = "manifest.json"
+
+
+# ---- plan -------------------------------------------------------------------------------------
+def _check_k(k: int, n_experts: int, top_k: int, where: str) -> None:
+    if k > n_experts:
+        raise ValueError(f"{where}: keeps {k} experts but the model has only {n_experts}")
+    if k < top_k:
+        raise ValueError(f"{where}: keeps {k} experts, fewer than num_experts_per_tok={top_k} (each token needs {top_k})")
+
+
+def validate_plan(plan: dict, config: dict, name: str = "plan") -> dict[int, list[int]]:
+    """{layer: sorted kept ids} of a plan checked against `config`; one-line error naming the flaw."""
+    fam = moe_family(config)
+    L, E, top_k = fam.n_layers(config), fam.n_experts(config), fam.top_k(config)
+    keep = plan.get("keep") if isinstance(plan, dict) else None
+    if not isinstance(keep, dict):
+        raise ValueError(f"{name}: needs a 'keep' mapping {{\"<layer>\": [expert ids]}}")
+    if "fingerprint" in plan:
+        check_fingerprint(plan["fingerprint"], config, name)
+    try:
+        layers = {int(k): v for k, v in keep.items()}
+    except ValueError:
+        raise ValueError(f"{name}: layer keys must be integers, got {sorted(keep)}") from None
+    if extra := sorted(set(layers) - set(range(L))):
+        raise ValueError(f"{name}: names layer {extra[0]}, but the model has layers 0-{L - 1}")
+    if missing := sorted(set(range(L)) - set(layers)):
+        raise ValueError(f"{name}: no entry for layer {missing[0]} (the model has {L} layers; every layer needs one)")
+    out = {}
+    for l in range(L):
+        ids = layers[l]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{name}: layer {l}: expert ids must be a list of integers, got {ids!r}")
+        _check_k(len(ids), E, top_k, f"{name}: layer {l}")
+        if dup := sorted({i for i in ids if ids.count(i) > 1}):
+            raise ValueError(f"{name}: layer {l}: duplicate expert id {dup[0]}")
+        if bad := [i for i in ids if not 0 <= i < E]:
+            raise ValueError(f"{name}: layer {l}: unknown expert id {bad[0]} (the model has experts 0-{E - 1})")
+        out[l] = sorted(ids)
+    if len({len(v) for v in out.values()}) > 1:
+        raise ValueError(f"{name}: layers keep different numbers of experts {sorted({len(v) for v in out.values()})}; "
+                         "num_local_experts is one number for all layers")
+    return out
+
+
+def plan_expert_prune(config: dict, *, scores: dict | None = None, criterion: str = "delta_l2", k: int | None = None,
+                      keep: dict | None = None, scores_name: str = "scores.json") -> dict:
+    """The plan keeping, per layer, the k experts with the highest `criterion` score (or `keep`).
+
+    Pure: no file is read or written. Ties go to the lower expert id.
+    """
+    fam = moe_family(config)
+    E, top_k = fam.n_experts(config), fam.top_k(config)
+    meta: dict = {"fingerprint": fingerprint(config)}
+    if (scores is None) == (keep is None):
+        raise ValueError("give exactly one of scores (with k) or an explicit keep mapping")
+    if scores is not None:
+        check_fingerprint(scores["fingerprint"], config, scores_name)
+        if k is None:
+            raise ValueError("k (--keep) is required with scores")
+        _check_k(k, E, top_k, f"--keep {k}")
+        crit = scores["criteria"]
+        if criterion not in crit:
+            raise KeyError(f"{scores_name} has no criterion {criterion!r}; it has {sorted(crit)}")
+        grid = np.asarray(crit[criterion], float)  # [L, E]
+        keep = {str(l): sorted(np.argsort(-row, kind="stable")[:k].tolist()) for l, row in enumerate(grid)}
+        meta.update(criterion=criterion, scores=scores.get("meta", {}).get("source", scores_name))
+    plan = {"keep": {str(l): ids for l, ids in keep.items()}, **meta}
+    kept = validate_plan(plan, config)
+    plan["keep"] = {str(l): ids for l, ids in kept.items()}
+    plan["k"] = len(kept[0])
+    plan["n_experts"] = E
+    return plan
+
+
+def save_plan(path, plan: dict) -> Path:
+    return write_json(path, plan)
+
+
+def load_plan(path) -> dict:
+    return read_json(path)
+
+
+# ---- apply ------------------------------------------------------------------------------------
+def pruned_config(config: dict, k: int) -> dict:
+    fam = moe_family(config)
+    return {**config, fam.experts_key: k}
+
+
+def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
+    """Output tensors in source order: non-expert tensors copied, kept experts as renamed byte ranges."""
+    ck, E = view.ck, view.n_experts
+    legacy = arch.LEGACY
+    for l, ids in keep.items():  # fail before writing if a kept tensor is absent
+        for e in ids:
+            for w in arch.EXPERT_WEIGHTS:
+                view.byte_range(l, e, w)
+    routers = {view.router_name(l): l for l in range(view.n_layers)}
+
+    def expert(l: int, e: int, new: int, w: str) -> Entry:
+        br = view.byte_range(l, e, w)
+        return Entry(legacy.experts[w].format(l=l, e=new), br.dtype, br.shape, br.shard,
+                     src=(ck.path / br.shard, br.start, br.end))
+
+    entries = []
+    for name in ck.keys():
+        if name in routers:
+            l = routers[name]
+            out = legacy.router.format(l=l)
+            if keep[l] == list(range(E)):
+                entries.append(copied(ck, name, out))
+            else:
+                rows = keep[l]
+                entries.append(computed(out, ck.info(name), lambda n=name, r=rows: ck.get(n)[r].contiguous(),
+                                        shape=(len(rows), view.hidden)))  # [k, H]
+        elif m := arch.LEGACY_EXPERT_RE.match(name):
+            l, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
+            if e in keep[l]:
+                entries.append(expert(l, e, keep[l].index(e), w))
+        elif m := arch.FUSED_EXPERT_RE.match(name):
+            l, ws = int(m.group(1)), (("w2",) if m.group(2) == "down_proj" else ("w1", "w3"))
+            entries += [expert(l, e, new, w) for new, e in enumerate(keep[l]) for w in ws]
+        else:
+            entries.append(copied(ck, name))
+    return entries
+
+
+def _sizes(entries: list[Entry]) -> tuple[int, int]:
+    from helpers.checkpoint import DTYPES
+
+    nbytes = sum(e.nbytes for e in entries)
+    params = sum(e.nbytes // torch.empty((), dtype=DTYPES[e.dtype]).element_size() for e in entries)
+    return nbytes, params
+
+
+def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None,
+                       overwrite: bool = False) -> dict:
+    """Write the pruned checkpoint(s); returns a record of them, also saved as OUT/manifest.json.
+
+    standard: OUT mirrors the input's shards (each tensor in its source's shard). consolidated:
+    OUT packed into another shard count (half the input's, or `max_shard_size` each). both:
+    OUT/standard and OUT/consolidated, verified tensor-identical.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    view = ExpertView(model_dir)
+    keep = validate_plan(plan, view.config)
+    k = len(keep[0])
+    entries = prune_entries(view, keep)
+    config = pruned_config(view.config, k)
+    n_in = len(view.ck.shards)
+    packed = {"max_shard_size": max_shard_size} if max_shard_size else {"n_shards": max(1, n_in // 2)}
+    after_bytes, after_params = _sizes(entries)
+    before_bytes, before_params = _sizes([copied(view.ck, n) for n in view.ck.keys()])
+    rec = {"source": str(view.ck.path), "source_format": view.format.name, "layout": layout,
+           "plan": {"keep": {str(l): v for l, v in keep.items()}, "k": k, "n_experts": view.n_experts},
+           "bytes": {"before": before_bytes, "after": after_bytes},
+           "params": {"before": before_params, "after": after_params}, "shards": {"source": n_in}}
+    out = Path(out)
+    write = dict(config=config, side_files_from=view.ck.path, desc="prune")
+    if layout == "both":
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            write_json(tmp / "plan.json", plan)  # first, so the dir always says what it holds
+            std = write_checkpoint(tmp / "standard", entries, like=view.ck, **write)
+            con = write_checkpoint(tmp / "consolidated", entries, **packed, **write)
+            cmp = compare(std, con)
+            if not cmp.equal:
+                raise CheckpointError(f"{out}: standard and consolidated layouts differ: {cmp}")
+            rec.update(identical=True, compare=str(cmp))
+            rec["shards"].update(standard=_n_shards(std), consolidated=_n_shards(con))
+        paths = {"standard": out / "standard", "consolidated": out / "consolidated"}
+    else:
+        kw = {"like": view.ck} if layout == "standard" else packed
+        write_checkpoint(out, entries, overwrite=overwrite, **kw, **write)
+        rec["shards"][layout] = _n_shards(out)
+        paths = {layout: out}
+    view.close()
+    rec["paths"] = {k: str(v) for k, v in paths.items()}
+    _record(out, rec, plan, max_shard_size)
+    return rec
+
+
+def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
+    """OUT/manifest.json: what was pruned from what, the layouts written and their verification."""
+    from helpers.manifest import Manifest
+
+    m = Manifest("expert_prune", {"layout": rec["layout"], "max_shard_size": max_shard_size, "k": rec["plan"]["k"],
+                                  "criterion": plan.get("criterion")})
+    m.input("model", rec["source"], hash=False)
+    if (out / "plan.json").exists():
+        m.output("plan", out / "plan.json")
+    for name, path in rec["paths"].items():
+        m.output(name, path, hash=False)
+    m.metrics(**{k: rec[k] for k in ("source_format", "bytes", "params", "shards", "identical", "compare") if k in rec})
+    m.data["plan"] = rec["plan"]
+    return m.save(out)
+
+
+def size_table(rec: dict):
+    """Parameters, GB and shard count before and after (per written layout), from a prune record."""
+    import pandas as pd
+
+    cols = {"before": [rec["params"]["before"], rec["bytes"]["before"] / 1e9, rec["shards"]["source"]]}
+    for lay in ("standard", "consolidated"):
+        if lay in rec["shards"]:
+            cols[f"after ({lay})"] = [rec["params"]["after"], rec["bytes"]["after"] / 1e9, rec["shards"][lay]]
+    return pd.DataFrame(cols, index=["params", "GB", "shards"])
+
+
+def _n_shards(path) -> int:
+    return len(list(Path(path).glob("*.safetensors")))
+
+
+# ---- reference: the base model with pruned experts masked out ---------------------------------
+@contextmanager
+def masked_router(model, keep: dict):
+    """Within the block, each router's logits of experts not in `keep` are -inf before top-k.
+
+    This is what the pruned model must compute; its logits are the identity check for a prune.
+    """
+    from helpers.expert_scores import moe_blocks
+
+    keep = {int(l): v for l, v in keep.get("keep", keep).items()}
+    handles = []
+
+    def hook(ids):
+        def fn(gate, args, output):
+            x = args[0].reshape(-1, gate.weight.shape[1])  # [T, H]
+            logits = torch.nn.functional.linear(x, gate.weight)  # [T, E]
+            dropped = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            dropped[ids] = False
+            logits = logits.masked_fill(dropped, float("-inf"))
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, idx = torch.topk(probs, gate.top_k, dim=-1)  # [T, k]
+            return logits, (top / top.sum(-1, keepdim=True)).to(output[1].dtype), idx
+        return fn
+
+    try:
+        for l, blk in enumerate(moe_blocks(model)):
+            handles.append(blk.gate.register_forward_hook(hook(keep[l])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def logit_check(source, pruned, plan: dict, texts: list[str], dtype=torch.float32, **load_kw) -> dict:
+    """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`."""
+    from transformers import AutoTokenizer
+
+    from helpers.checkpoint import load_check
+
+    tok = AutoTokenizer.from_pretrained(str(pruned))
+    base = load_check(source, dtype=dtype, **load_kw).eval()
+    small = load_check(pruned, dtype=dtype, **load_kw).eval()
+    worst, n = 0.0, 0
+    for t in texts:
+        enc = tok(t, return_tensors="pt").to(next(base.parameters()).device)
+        with masked_router(base, plan):
+            ref = base(**enc).logits.float()
+        got = small(**enc).logits.float()
+        worst = max(worst, float((got.to(ref.device) - ref).abs().max()))
+        n += enc["input_ids"].numel()
+    return {"max_abs_diff": worst, "n_tokens": n, "n_texts": len(texts)}
+
+
+# ---- command line -----------------------------------------------------------------------------
+def cli_expert_prune(args) -> int:
+    from helpers.expert_scores import load_scores
+
+    model = local_dir(args.model)
+    config = arch.read_config(model)
+    moe_family(config)
+    if args.plan:
+        if args.scores or args.keep is not None:
+            raise ValueError("--plan excludes --scores/--keep (the plan already says what to keep)")
+        plan = load_plan(args.plan)
+        validate_plan(plan, config, name=args.plan)
+    else:
+        if not args.scores or args.keep is None:
+            raise ValueError("give --plan PLAN.json, or --scores SCORES.json with --keep K")
+        plan = plan_expert_prune(config, scores=load_scores(args.scores), criterion=args.criterion, k=args.keep,
+                                 scores_name=args.scores)
+    rec = apply_expert_prune(model, plan, args.out, layout=args.layout, max_shard_size=args.max_shard_size,
+                             overwrite=args.overwrite)
+    b = rec["bytes"]
+    print(f"kept {rec['plan']['k']} of {rec['plan']['n_experts']} experts per layer; "
+          f"{b['before'] / 1e9:.3f} GB -> {b['after'] / 1e9:.3f} GB; wrote {', '.join(rec['paths'].values())}")
+    return 0
