@@ -200,14 +200,18 @@ class TaskResult:
     outputs: list  # generated text (cot) or per-option scores (loglik, cloze)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    stages: list[str] | None = None  # routed variants: the stage each question went to
 
     def summary(self) -> dict:
         return summarize(self.questions, self.preds) | {"seconds": round(self.seconds, 3),
                                                         "questions_per_s": round(len(self.questions) / max(self.seconds, 1e-9), 3)} | self.extra
 
     def samples(self) -> list[dict]:
-        return [dict(question_id=q.question_id, category=q.category, answer=q.answer, pred=p, output=o)
+        rows = [dict(question_id=q.question_id, category=q.category, answer=q.answer, pred=p, output=o)
                 for q, p, o in zip(self.questions, self.preds, self.outputs)]
+        for r, s in zip(rows, self.stages or []):
+            r["stage"] = s
+        return rows
 
 
 def summarize(questions: Sequence[Question], preds: Sequence[str | None]) -> dict:
@@ -306,7 +310,8 @@ def route_and_score(stage_models: dict, tok, questions: Sequence[Question], stag
     `stage_of` is {question_id: stage} or a callable (list of questions -> list of stages), e.g. the
     entropy router of helpers/routing.py. Results carry the stage mix overall and per category.
     """
-    stages = list(stage_of(list(questions))) if callable(stage_of) else [stage_of[q.question_id] for q in questions]
+    stages = [str(s) for s in (stage_of(list(questions)) if callable(stage_of) else
+                                [stage_of[q.question_id] for q in questions])]
     unknown = sorted(set(stages) - set(stage_models))
     if unknown:
         raise KeyError(f"router chose stages {unknown}; models exist for {sorted(stage_models)}")
@@ -324,5 +329,5 @@ def route_and_score(stage_models: dict, tok, questions: Sequence[Question], stag
     for q, s in zip(questions, stages):
         per_cat[q.category][s] += 1
     extra = {"stage_mix": mix, "stage_mix_per_category": {c: dict(sorted(v.items())) for c, v in sorted(per_cat.items())}}
-    return [TaskResult(task, list(questions), m["preds"], m["outs"], m["seconds"], m["extra"] | extra)
+    return [TaskResult(task, list(questions), m["preds"], m["outs"], m["seconds"], m["extra"] | extra, stages)
             for task, m in merged.items()]

@@ -60,6 +60,8 @@ def evaluate_dir(model_dir, out_dir, *, bench: str = "mmlu-pro", modes: Sequence
                  batch_size: int = 8, cot_shots: int = 5, loglik_shots: int = 0, max_new_tokens: int = 256,
                  speed: bool = True, parent_manifest=None, progress: bool = True) -> Path:
     """Score one checkpoint and merge the tasks into `<out_dir>/results.json` (see helpers.eval.results)."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a checkpoint directory (no config.json)")
     device = default_device()
     dtype = dtype or default_dtype(device)
     questions, shots = mmlu_pro.load(data, limit)
