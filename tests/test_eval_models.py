@@ -45,8 +45,11 @@ def test_shared_prefix_scoring_equals_full_rows(mistral, questions):
     model, tok = mistral
     qs, _ = questions
     reqs = [(mmlu_pro.cloze_context(q), mmlu_pro.cloze_choices(q)[:4]) for q in qs[:4]]
-    reqs += [("Answer: ", ["A", "BB BB", "the answer is (C)"]), ("x", [" y"])]  # trailing space; 1-token option
-    assert any(len(k) > 1 for _, ks in map(lambda r: engine.encode_pair(tok, *r), reqs) for k in ks)
+    reqs += [("Answer: ", ["A", "BB BB", "the answer is (C)"]), ("x", [" y"]),  # trailing space; 1-token option
+             (mmlu_pro.loglik_prompt(qs[0]), mmlu_pro.loglik_choices(qs[0])),  # letters
+             ("So", [" the answer is (C)", " the answer is (D)", " the answer is (C) or"])]  # long shared start
+    split = [engine.split_common(*engine.encode_pair(tok, *r)) for r in reqs]
+    assert any(n > 1 for _, n, _ in split) and any(len(k) > 1 for _, _, ks in split for k in ks)  # both paths run
     want = [_naive(model, tok, *r) for r in reqs]
     for bs in (1, 3):
         got = engine.score_choices(model, tok, reqs, batch_size=bs, progress=False)

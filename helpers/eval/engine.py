@@ -2,10 +2,11 @@
 
 Log-likelihood tokenises like LightEval (trailing spaces of the context move into the
 continuation; the context gets special tokens, the continuation none) and shares the context:
-one forward pass per batch of contexts scores the FIRST token of every continuation; only
-continuations longer than one token are run again, as short rows on top of the contexts' KV cache
-(expanded per option), never as full context + continuation rows. Letter scoring (" A".." J",
-one token each on real tokenizers) therefore costs one forward pass per question.
+tokens that all of a question's continuations start with are moved into the context, one forward
+pass per batch of contexts scores those and the first remaining token of every continuation, and
+only continuations with more tokens left are run again, as short rows on top of the contexts' KV
+cache (expanded per option), never as full context + continuation rows. Letter scoring (" A"..
+" J") thus costs one forward pass per question, where LightEval runs one full row per option.
 
 Usage: `lps = score_choices(model, tok, [("Q: 2+2?\\nAnswer:", [" 4", " 5"])], batch_size=8)`
 """
@@ -64,9 +65,23 @@ def _expand(cache, rows: torch.Tensor):
     return DynamicCache(ddp_cache_data=data)
 
 
+def split_common(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], int, list[list[int]]]:
+    """Move the tokens every continuation starts with into the context: (context, n moved, rests).
+
+    " A".." J" on a byte-level tokenizer is [" ", "A"]..: the shared " " is scored once, in the
+    context pass, and each option is left one token. Every rest keeps at least one token.
+    """
+    n = 0
+    shortest = min(len(k) for k in conts)
+    while n < shortest - 1 and all(k[n] == conts[0][n] for k in conts):
+        n += 1
+    return ctx + conts[0][:n], n, [k[n:] for k in conts]
+
+
 @torch.inference_mode()
-def _score_batch(model, ctxs: list[list[int]], conts: list[list[list[int]]], pad_id: int,
+def _score_batch(model, ctxs: list[list[int]], moved: list[int], conts: list[list[list[int]]], pad_id: int,
                  max_rows: int) -> list[list[float]]:
+    """Scores of a batch; ctxs[i] ends with moved[i] tokens shared by all its continuations."""
     dev = model_device(model)
     B = len(ctxs)
     lens = torch.tensor([len(c) for c in ctxs])
@@ -77,11 +92,15 @@ def _score_batch(model, ctxs: list[list[int]], conts: list[list[list[int]]], pad
     multi = [(i, j) for i in range(B) for j, k in enumerate(conts[i]) if len(k) > 1]
     cache = new_cache() if multi else None
     # right padding and no mask, as LightEval: real positions never see the pads (causal)
-    last = (lens - 1).to(dev)
-    out = model(input_ids=ids.to(dev), past_key_values=cache, use_cache=bool(multi), logits_to_keep=last[:, None])
-    first = F.log_softmax(out.logits[:, 0].float(), dim=-1)  # [B, V] at each context's last token
-    scores = [[float(first[i, k[0]]) for k in conts[i]] for i in range(B)]
+    P = max(moved)
+    keep = (lens[:, None] - 1 - P + torch.arange(P + 1)[None, :]).clamp(min=0)  # [B, P+1], last column: last token
+    out = model(input_ids=ids.to(dev), past_key_values=cache, use_cache=bool(multi), logits_to_keep=keep.to(dev))
+    lp = F.log_softmax(out.logits.float(), dim=-1)  # [B, P+1, V]
     del out
+    scores = []
+    for i in range(B):
+        shared = sum(float(lp[i, t, ids[i, keep[i, t] + 1]]) for t in range(P - moved[i], P))
+        scores.append([shared + float(lp[i, P, k[0]]) for k in conts[i]])
     if not multi:
         return scores
     ctx_mask = (torch.arange(Lc)[None, :] < lens[:, None]).long()  # [B, Lc]
@@ -116,18 +135,19 @@ def score_choices(model, tok, requests: Sequence[tuple[str, Sequence[str]]], bat
     max_length = max_length or model_max_length(model)
     enc = []
     for ctx, conts in requests:
-        c, ks = encode_pair(tok, ctx, conts)
+        c, n, ks = split_common(*encode_pair(tok, ctx, conts))
         if max_length is not None:
-            c = c[-max(1, max_length - max(len(k) for k in ks)):]
-        enc.append((c, ks))
+            c = c[-max(1 + n, max_length - max(len(k) for k in ks)):]
+        enc.append((c, n, ks))
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out: list[list[float] | None] = [None] * len(enc)
     bar = tqdm(total=len(enc), desc=desc, disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        max_rows = batch_size * max(len(enc[i][1]) for i in idx)
-        res = _score_batch(model, [enc[i][0] for i in idx], [enc[i][1] for i in idx], pad, max_rows)
+        max_rows = batch_size * max(len(enc[i][2]) for i in idx)
+        res = _score_batch(model, [enc[i][0] for i in idx], [enc[i][1] for i in idx], [enc[i][2] for i in idx], pad,
+                           max_rows)
         for i, r in zip(idx, res):
             out[i] = r
         bar.update(len(idx))
