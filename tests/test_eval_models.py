@@ -130,7 +130,7 @@ def test_cli_offline_merges_modes_and_benches(tiny_mistral, tiny_mmlu, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["results"]) == {"mmlu_pro_cloze", "mmlu_pro_cloze_norm", "lighteval_loglik"}
-    assert doc["config"]["variant"] == "base_mistral" and doc["config"]["limit"] == 3
+    assert doc["config"]["variant"] == "base_mistral" and doc["config"]["plan"]["lighteval_limit"] == 3
     assert all(doc["results"][t]["n"] == 3 for t in doc["results"])
     assert {"prefill_tok_s", "decode_tok_s", "peak_memory_bytes"} <= set(doc["speed"])
     assert len(results.read_samples(out, "lighteval_loglik")) == 3

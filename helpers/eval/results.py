@@ -137,6 +137,47 @@ def tables(root):
     return pd.DataFrame(acc), pd.DataFrame(cats), pd.DataFrame(speed)
 
 
+def accuracy_dict(root) -> dict[str, dict[str, float]]:
+    """{task: {variant: acc}} for a manifest's metrics."""
+    out: dict[str, dict[str, float]] = {}
+    for variant, doc in load_all(root).items():
+        for task, r in doc.get("results", {}).items():
+            out.setdefault(task, {})[variant] = round(r["acc"], 4)
+    return out
+
+
+def stage_mix_table(root):
+    """Long table (variant, task, stage, share) of every routed task's stage mix under `root`."""
+    import pandas as pd
+
+    rows = [{"variant": v, "task": t, "stage": s, "share": n / sum(r["stage_mix"].values())}
+            for v, doc in load_all(root).items() for t, r in doc.get("results", {}).items()
+            for s, n in (r.get("stage_mix") or {}).items()]
+    return pd.DataFrame(rows, columns=["variant", "task", "stage", "share"])
+
+
+def agreement(out_dir, task_a: str, task_b: str) -> dict:
+    """How two tasks of one variant agree on the questions both scored (e.g. ours vs lighteval loglik)."""
+    a = {r["question_id"]: r for r in read_samples(out_dir, task_a)}
+    b = {r["question_id"]: r for r in read_samples(out_dir, task_b)}
+    common = sorted(set(a) & set(b), key=str)
+    same = sum(a[q]["pred"] == b[q]["pred"] for q in common)
+    acc = lambda d: sum(d[q]["pred"] == d[q]["answer"] for q in common) / len(common) if common else float("nan")  # noqa: E731
+    return {"questions": len(common), "same_prediction": same, f"acc_{task_a}": acc(a), f"acc_{task_b}": acc(b)}
+
+
+def agreement_table(root, variants: Sequence[str], task_a: str = "mmlu_pro_loglik", task_b: str = "lighteval_loglik"):
+    """agreement() for each variant that has both tasks' samples."""
+    import pandas as pd
+
+    rows = []
+    for v in variants:
+        d = Path(root) / v
+        if (d / SAMPLES / f"{task_a}.jsonl").exists() and (d / SAMPLES / f"{task_b}.jsonl").exists():
+            rows.append({"variant": v} | agreement(d, task_a, task_b))
+    return pd.DataFrame(rows)
+
+
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return ""
