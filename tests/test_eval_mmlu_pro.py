@@ -120,3 +120,17 @@ def test_results_merge_tasks_and_samples(tmp_path, tiny_mistral):
         results.write_results(out, dict(cfg, model="other/model"), [])
     md = results.summary_markdown(out.parent, notes=["skipped x: no manifest"])
     assert "| base |" in md and "skipped x" in md and "mmlu_pro_cot: 2 of 4" in md
+
+
+def test_cot_drops_shots_until_the_prompt_fits(tiny_mmlu):
+    from helpers.synth import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    qs, shots = mmlu_pro.load(tiny_mmlu)
+    q = qs[0]
+    n = lambda k: len(tok(mmlu_pro.cot_prompt(q, shots, k))["input_ids"])  # noqa: E731
+    assert n(0) < n(1) < n(2) < n(3)
+    prompt, k = mmlu_pro.fit_shots(q, shots, 5, tok, budget=n(2) + 1)
+    assert k == 2 and prompt == mmlu_pro.cot_prompt(q, shots, 2)
+    assert mmlu_pro.fit_shots(q, shots, 5, tok, budget=None)[1] == 5
+    assert mmlu_pro.fit_shots(q, shots, 5, tok, budget=1)[1] == 0  # nothing fits: zero-shot, as the official loop ends

@@ -134,6 +134,7 @@ def test_cli_offline_merges_modes_and_benches(tiny_mistral, tiny_mmlu, tmp_path)
     assert all(doc["results"][t]["n"] == 3 for t in doc["results"])
     assert {"prefill_tok_s", "decode_tok_s", "peak_memory_bytes"} <= set(doc["speed"])
     assert len(results.read_samples(out, "lighteval_loglik")) == 3
+    assert doc["results"]["lighteval_loglik"]["acc"] == doc["results"]["lighteval_loglik"]["lighteval_acc"]
 
 
 def test_cli_bad_flags_are_one_line_errors(tiny_mistral, tiny_mmlu, tmp_path, capsys):

@@ -180,6 +180,8 @@ def _convert(aggregated: dict, details: dict, questions: Sequence[Question], mod
     missing = [questions[i].question_id for i, o in enumerate(outs) if o is None]
     if missing:
         raise KeyError(f"lighteval scored no output for questions {missing[:5]}")
+    their_acc = aggregated.get(full, {}).get("acc")
     return TaskResult(RESULT_NAMES[mode], list(questions), preds, outs, seconds,
-                      {"mode": mode, "lighteval_acc": aggregated.get(full, {}).get("acc"), "lighteval_task": full,
+                      {"mode": mode, "lighteval_acc": None if their_acc is None else float(their_acc),
+                       "lighteval_task": full,
                        "lighteval_results": str(newest.relative_to(le_out.parent))})

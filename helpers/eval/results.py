@@ -27,21 +27,24 @@ SAMPLES = "samples"
 
 
 def checkpoint_stats(paths: Sequence) -> tuple[int | None, int | None]:
-    """(parameters, bytes of *.safetensors) summed over checkpoint/bundle dirs, read from headers only."""
-    from helpers.checkpoint import Checkpoint
+    """(parameters, bytes) of every *.safetensors file under the given dirs (checkpoints, bundle dirs),
+    read from the file headers only; (None, None) if a path is not on disk."""
+    from helpers.checkpoint import read_header
 
     params = size = 0
     for p in paths:
         p = Path(p)
         if not p.is_dir():
             return None, None
-        ck = Checkpoint(p)
-        for i in ck.infos.values():
-            n = 1
-            for s in i.shape:
-                n *= s
-            params += n
-        size += sum((p / s).stat().st_size for s in ck.shards)
+        for f in sorted(p.rglob("*.safetensors")):
+            header, _ = read_header(f)
+            for name, h in header.items():
+                if name != "__metadata__":
+                    n = 1
+                    for d in h["shape"]:
+                        n *= d
+                    params += n
+            size += f.stat().st_size
     return params, size
 
 
@@ -194,11 +197,15 @@ def markdown_table(df) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def summary_markdown(root, title: str | None = None, notes: Sequence[str] = ()) -> str:
+def summary_markdown(root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
+                     ) -> str:
     """summary.md: accuracy per variant and task, parameters, size, speed; notes (e.g. skipped variants)."""
     import pandas as pd
 
     acc, _, speed = tables(root)
+    if order is not None and not acc.empty:
+        rank = {v: i for i, v in enumerate(order)}
+        acc = acc.sort_values("variant", key=lambda s: s.map(lambda v: rank.get(v, len(rank))), kind="stable")
     lines = [f"# {title or 'Benchmarks: ' + Path(root).name}", ""]
     if acc.empty:
         lines.append("No results yet.")
@@ -226,11 +233,12 @@ def summary_markdown(root, title: str | None = None, notes: Sequence[str] = ()) 
     return "\n".join(lines)
 
 
-def write_summary(root, title: str | None = None, notes: Sequence[str] = ()) -> Path:
+def write_summary(root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
+                  ) -> Path:
     path = Path(root) / "summary.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".summary.md.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        f.write(summary_markdown(root, title, notes))
+        f.write(summary_markdown(root, title, notes, order))
     os.replace(tmp, path)
     return path

@@ -188,18 +188,27 @@ def evaluate_all(variants: list[Variant], out_root, plan: Plan, data, lighteval_
     `dtype`: one for all, or {family: dtype} (e.g. {"mixtral": "4bit", "mistral": "bfloat16"}); None = default.
     LightEval runs only on `lighteval_variants`. `routed_hook(variant)` may replace router_for.
     """
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as tlog
+
     done, notes = [], []
     no_le = Plan(**{**asdict(plan), "lighteval_modes": ()})
-    for v in variants:
-        out = Path(out_root) / v.name
-        fam_dtype = dtype.get(v.family) if isinstance(dtype, dict) else dtype
-        try:
-            if v.kind == "routed":
-                evaluate_routed(v, out, no_le, data, routed_hook(v) if routed_hook else None, progress)
-            else:
-                evaluate_dir(v.path, out, plan if v.name in lighteval_variants else no_le, data=data, variant=v.name,
-                             dtype=fam_dtype, parent_manifest=v.parent, progress=progress)
-            done.append(v.name)
-        except ImportError as e:  # e.g. helpers.routing not in this tree yet
-            notes.append(f"skipped {v.name}: {e}")
+    tlog.disable_progress_bar()  # one bar over variants, not one per weight load
+    bar = tqdm(variants, desc="variants", disable=not progress)
+    try:
+        for v in bar:
+            bar.set_postfix_str(v.name)
+            out = Path(out_root) / v.name
+            fam_dtype = dtype.get(v.family) if isinstance(dtype, dict) else dtype
+            try:
+                if v.kind == "routed":
+                    evaluate_routed(v, out, no_le, data, routed_hook(v) if routed_hook else None, progress=False)
+                else:
+                    evaluate_dir(v.path, out, plan if v.name in lighteval_variants else no_le, data=data,
+                                 variant=v.name, dtype=fam_dtype, parent_manifest=v.parent, progress=False)
+                done.append(v.name)
+            except ImportError as e:  # e.g. helpers.routing not in this tree yet
+                notes.append(f"skipped {v.name}: {e}")
+    finally:
+        tlog.enable_progress_bar()
     return done, notes
