@@ -145,3 +145,26 @@ def test_cli_bad_flags_are_one_line_errors(tiny_mistral, tiny_mmlu, tmp_path, ca
     assert "use --bench mmlu-pro for cloze" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_mmlu), "--out", str(tmp_path / "o")]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_stage_model_keeping_original_layer_indices_scores_like_renumbered(tiny_mistral, questions):
+    """Stages that share modules keep their layers' original layer_idx (helpers/bundles.py); our cache
+    is built without a config, so scoring and generation work on them and match a renumbered copy."""
+    import copy
+
+    qs, shots = questions
+    kept, tok = load_model(tiny_mistral)
+    keep = [0, 1, 4, 5, 6, 7]
+    kept.model.layers = torch.nn.ModuleList([kept.model.layers[i] for i in keep])
+    kept.config.num_hidden_layers = len(keep)
+    if getattr(kept.config, "layer_types", None):
+        kept.config.layer_types = [kept.config.layer_types[i] for i in keep]
+    renum = copy.deepcopy(kept)
+    for i, layer in enumerate(renum.model.layers):
+        layer.self_attn.layer_idx = i
+    assert [l.self_attn.layer_idx for l in kept.model.layers] == keep
+    reqs = [(mmlu_pro.cloze_context(q), mmlu_pro.cloze_choices(q)) for q in qs[:4]]
+    assert engine.score_choices(kept, tok, reqs, progress=False) == engine.score_choices(renum, tok, reqs, progress=False)
+    prompts = [mmlu_pro.cot_prompt(q, shots, 1) for q in qs[:2]]
+    assert engine.generate(kept, tok, prompts, max_new_tokens=5, progress=False) == \
+        engine.generate(renum, tok, prompts, max_new_tokens=5, progress=False)
