@@ -67,6 +67,10 @@ def main() -> int:
         t = time.perf_counter()
         ours = mmlu_pro.score_loglik(model, tok, qs, batch_size=args.batch_size, progress=False)
         t_ours = time.perf_counter() - t
+        # LightEval's batch is batch_size questions x 10 option rows; ours of equal rows holds 10x the questions
+        t = time.perf_counter()
+        wide = mmlu_pro.score_loglik(model, tok, qs, batch_size=args.batch_size * 10, progress=False)
+        t_wide = time.perf_counter() - t
         theirs, = lighteval_run.run_lighteval(model, qs, shots, tmp / "le", modes=("loglik",), tokenizer=model_dir,
                                               batch_size=args.batch_size, name="bench")
         t_theirs = theirs.seconds
@@ -75,10 +79,17 @@ def main() -> int:
     print(f"model: {model_dir if args.model else 'random Mistral, 8 layers, width 128'} "
           f"({sum(p.numel() for p in model.parameters()):,} params), {n} questions x 10 options, "
           f"{torch.get_num_threads()} threads, device cpu")
-    print(f"ours      loglik: {t_ours:7.2f} s  {n / t_ours:8.2f} questions/s  acc {ours.summary()['acc']:.4f}")
-    print(f"lighteval loglik: {t_theirs:7.2f} s  {n / t_theirs:8.2f} questions/s  acc {theirs.summary()['acc']:.4f}")
-    print(f"same prediction on {same}/{n} questions")
-    print(f"ratio ours/lighteval questions/s: {t_theirs / t_ours:.2f}  (target >= 1.0)")
+    b = args.batch_size
+    print(f"ours      loglik, {b:3d} questions/forward ({b:3d} rows): {t_ours:7.2f} s  {n / t_ours:7.2f} questions/s  "
+          f"acc {ours.summary()['acc']:.4f}")
+    print(f"ours      loglik, {10 * b:3d} questions/forward ({10 * b:3d} rows): {t_wide:7.2f} s  {n / t_wide:7.2f} "
+          f"questions/s  acc {wide.summary()['acc']:.4f}")
+    print(f"lighteval loglik, {b:3d} questions/forward ({10 * b:3d} rows): {t_theirs:7.2f} s  {n / t_theirs:7.2f} "
+          f"questions/s  acc {theirs.summary()['acc']:.4f}")
+    print(f"same prediction on {same}/{n} questions (ours vs lighteval); wide batch agrees on "
+          f"{sum(a == c for a, c in zip(ours.preds, wide.preds))}/{n}")
+    print(f"ratio ours/lighteval questions/s, same questions per batch: {t_theirs / t_ours:.2f}  (target >= 1.0)")
+    print(f"ratio ours/lighteval questions/s, same rows per forward:    {t_theirs / t_wide:.2f}")
     return 0
 
 
