@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--prompt", default=None)
     _opt(p, "--max-new-tokens", type=int, default=32)
 
-    p = cmd("evaluate", "helpers.evaluate:cli_evaluate", "MMLU-Pro or LightEval on one model")
+    p = cmd("evaluate", "helpers.eval:cli_evaluate", "MMLU-Pro or LightEval on one model")
     _opt(p, "--model", required=True)
     _opt(p, "--bench", choices=["mmlu-pro", "lighteval"], default="mmlu-pro")
     _opt(p, "--mode", choices=["cot", "loglik", "cloze"], default="loglik")
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--limit", type=int, default=None, help="questions in total")
     _opt(p, "--variant", default=None, help="variant name recorded in results.json")
     _opt(p, "--out", required=True, help="eval_results/<preset>/<variant>/")
+    _opt(p, "--dtype", choices=["float32", "bfloat16", "float16", "4bit"], default=None,
+         help="default: float32 on CPU, bfloat16 on CUDA")
+    _opt(p, "--batch-size", type=int, default=8)
+    _opt(p, "--max-new-tokens", type=int, default=256, help="CoT generation budget")
 
     p = cmd("copy", "helpers.checkpoint:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
     _opt(p, "--model", required=True)

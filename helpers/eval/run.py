@@ -1,0 +1,151 @@
+"""Evaluate one model: run MMLU-Pro modes and LightEval per a Plan, measure speed, merge into results.json.
+
+Usage: `evaluate_dir("runs/toy/world/mistral", "eval_results/toy/mistral_base", Plan(modes=("cloze", "loglik")), data="runs/toy/world/mmlu_pro")`
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from helpers.eval import mmlu_pro, results
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run on each model. Limits count questions in total (round-robin over categories)."""
+
+    modes: Sequence[str] = ("cloze",)  # of mmlu_pro.MODES, scored by our engine
+    limit: int | None = None  # questions for cloze / loglik
+    cot_limit: int | None = None  # questions for cot (generation is the expensive mode)
+    cot_shots: int = 5
+    loglik_shots: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    lighteval_modes: Sequence[str] = ()  # "loglik", "cot"
+    lighteval_limit: int | None = None
+    speed: bool = True
+    speed_prompt_tokens: int = 128
+    speed_new_tokens: int = 32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def check_model_dir(path) -> Path:
+    """A local checkpoint dir; a hub id (org/name, not on disk) is downloaded when online."""
+    p = Path(path)
+    if not p.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        p = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    return p
+
+
+def load_model(path, dtype: str | None = None, device: str | None = None):
+    """(model, tokenizer) from a checkpoint dir; fails on missing/unexpected keys. dtype '4bit' uses bitsandbytes."""
+    from transformers import AutoTokenizer
+
+    from helpers.checkpoint import load_check
+
+    path = check_model_dir(path)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if dtype == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+        model = load_check(path, dtype=torch.bfloat16, own=False, quantization_config=q, device_map=device)
+    elif dtype in DTYPES:
+        on_cpu = device == "cpu"
+        model = load_check(path, dtype=DTYPES[dtype], own=on_cpu, **({} if on_cpu else {"device_map": device}))
+    else:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES) + ['4bit']}")
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def score_tasks(model, tok, questions, shots, plan: Plan, tokenizer_dir=None, out_dir=None, name=None,
+                progress: bool = True) -> list:
+    """Every task of `plan` on one in-memory model (LightEval needs `tokenizer_dir` and `out_dir`)."""
+    tasks = []
+    for mode in plan.modes:
+        if mode == "cot":
+            tasks += mmlu_pro.evaluate(model, tok, mmlu_pro.take(questions, plan.cot_limit), shots, mode="cot",
+                                       k=plan.cot_shots, max_new_tokens=plan.max_new_tokens,
+                                       batch_size=plan.batch_size, progress=progress)
+        else:
+            kw = {"k": plan.loglik_shots} if mode == "loglik" else {}
+            tasks += mmlu_pro.evaluate(model, tok, mmlu_pro.take(questions, plan.limit), shots, mode=mode,
+                                       batch_size=plan.batch_size, progress=progress, **kw)
+    if plan.lighteval_modes:
+        from helpers.eval.lighteval_run import run_lighteval
+
+        if tokenizer_dir is None or out_dir is None:
+            raise ValueError("lighteval needs the tokenizer dir and an output dir")
+        tasks += run_lighteval(model, mmlu_pro.take(questions, plan.lighteval_limit), shots, out_dir,
+                               modes=plan.lighteval_modes, tokenizer=tokenizer_dir, batch_size=plan.batch_size,
+                               loglik_shots=plan.loglik_shots, cot_shots=plan.cot_shots,
+                               max_new_tokens=plan.max_new_tokens, name=name)
+    return tasks
+
+
+def speed_of(model, plan: Plan) -> dict | None:
+    from helpers.eval.engine import measure_speed
+
+    return measure_speed(model, plan.speed_prompt_tokens, plan.speed_new_tokens) if plan.speed else None
+
+
+def evaluate_dir(model_dir, out_dir, plan: Plan = Plan(), *, data=None, variant: str | None = None,
+                 dtype: str | None = None, parent_manifest=None, progress: bool = True) -> Path:
+    """Score one checkpoint (dir or hub id) per `plan` and merge the tasks into `<out_dir>/results.json`."""
+    model_dir = check_model_dir(model_dir)
+    device = default_device()
+    dtype = dtype or default_dtype(device)
+    if plan.lighteval_modes and dtype == "4bit":
+        raise ValueError("lighteval with --dtype 4bit: not offered here; use bfloat16")
+    questions, shots = mmlu_pro.load(data)
+    variant = variant or Path(out_dir).name
+    cfg = results.config_block(model_dir, variant, dtype=dtype, data=str(data or mmlu_pro.HUB_ID),
+                               parent_manifest=parent_manifest or results.parent_manifest_of(model_dir),
+                               plan=asdict(plan))
+    model, tok = load_model(model_dir, dtype, device)
+    tasks = score_tasks(model, tok, questions, shots, plan, model_dir, out_dir, variant, progress)
+    path = results.write_results(out_dir, cfg, tasks, speed_of(model, plan))
+    del model
+    free()
+    return path
+
+
+def cli_evaluate(args) -> int:
+    if args.bench == "lighteval" and args.mode == "cloze":
+        raise ValueError("--bench lighteval --mode cloze: lighteval runs loglik and cot here; use --bench mmlu-pro for cloze")
+    common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    if args.bench == "lighteval":
+        plan = Plan(modes=(), lighteval_modes=(args.mode,), lighteval_limit=args.limit, **common)
+    else:
+        plan = Plan(modes=(args.mode,), limit=args.limit, cot_limit=args.limit, **common)
+    path = evaluate_dir(args.model, args.out, plan, data=args.data, variant=args.variant, dtype=args.dtype)
+    doc = results.read_json(path)
+    for task, r in doc["results"].items():
+        print(f"{task:22s} acc {r['acc']:.4f}  n {r['n']}  unparsed {r.get('n_unparsed', 0)}")
+    print(f"wrote {path}")
+    return 0
