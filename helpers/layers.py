@@ -178,6 +178,19 @@ def distances_from_json(obj: dict) -> np.ndarray:
     return D
 
 
+def min_distance_by_n(D: np.ndarray, keep_last_layer: bool = False) -> list[dict]:
+    """For each block size n: the best start l* and its distance (what the search would pick)."""
+    L = D.shape[1]
+    out = []
+    for n in range(1, L + 1):
+        last_start = L - n - 1 if keep_last_layer else L - n
+        if last_start < 0:
+            continue
+        l = int(np.nanargmin(D[n, : last_start + 1]))
+        out.append({"n": n, "l": l, "distance": float(D[n, l]), "frac": n / L})
+    return out
+
+
 # ---- plan -----------------------------------------------------------------------------------
 def parse_layers(spec, n_layers: int) -> tuple[int, int]:
     """'a-b' (0-based, inclusive) or 'a' -> (a, b), checked against the layer count."""
