@@ -243,3 +243,14 @@ def test_refuses_to_overwrite_without_flag(world):
     with pytest.raises(FileExistsError, match="already holds bundles"):
         layers.apply_layer_drop(world["base"], plan, world["root"] / "A2", world["r"])
     assert not (world["root"] / "A2").exists() and not (world["root"] / "elsewhere").exists()
+
+
+def test_dropping_the_first_layers_keeps_generation_exact(world, tmp_path):
+    """With layers 0-3 gone, stage A starts at original layer 4; the cache must still line up."""
+    a, r = _drop(world["base"], tmp_path, layers_spec="0-3")
+    st = bundles.load_stages(a, r)
+    assert torch.equal(logits(st["A"]), logits(skipped(world["base"], [4, 5, 6, 7])))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=3)
+    for s in ("A", "AB", "FULL"):
+        with torch.no_grad():
+            assert torch.equal(st[s].generate(IDS, use_cache=True, **kw), st[s].generate(IDS, use_cache=False, **kw)), s
