@@ -16,9 +16,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -119,11 +117,13 @@ def bench_stages(src: Path, work: Path, n_drop: int, new_tokens: int, repeats: i
 
 # ---- 3. surgery vs cp -------------------------------------------------------------------------
 SURGERY = """
-import json, resource, sys, time
+import json, re, shutil, sys, time
 from helpers import layers, bundles
 from helpers.checkpoint import Checkpoint
 from transformers import AutoConfig  # a fixed import cost (seconds on a busy box), not surgery
 src, a, r, full, what = sys.argv[1:6]
+for old in ([a, r] if what == "drop" else [full] if what == "assemble" else []):
+    shutil.rmtree(old, ignore_errors=True)  # as for cp: removing the last run's output is not timed
 t = time.perf_counter()
 if what == "drop":
     plan = layers.plan_layer_drop(Checkpoint(src).config, None, layers=sys.argv[6], keep_last_layer=True)
@@ -131,7 +131,9 @@ if what == "drop":
 elif what == "assemble":
     bundles.assemble(a, r, "FULL", full, overwrite=True)
 dt = time.perf_counter() - t
-print(json.dumps({"seconds": dt, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
+hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+print(json.dumps({"seconds": dt, "max_rss": hwm}))
 """
 
 
@@ -209,10 +211,10 @@ def main(argv=None) -> int:
             if "stages" not in skip else None
         tok = synth.tiny_tokenizer()
         if "calibration" not in skip:
-            report["calibration"] = bench_calibration(model, tok, 16 if q else 64, 32 if q else 128, 8 if q else 16,
-                                                      args.repeats)
+            report["calibration"] = bench_calibration(model, tok, 16 if q else 32, 32 if q else 64, 8,
+                                                      args.repeats + 2)
             print("calibration", json.dumps(report["calibration"]), flush=True)
-        del model
+        del model, tok
         if src is not None:
             report["stages_narrow"] = bench_stages(src, work, narrow.num_hidden_layers // 4, 8 if q else 48,
                                                    args.repeats, "narrow")
