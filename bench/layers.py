@@ -122,7 +122,7 @@ from helpers import layers, bundles
 from helpers.checkpoint import Checkpoint
 from transformers import AutoConfig  # a fixed import cost (seconds on a busy box), not surgery
 src, a, r, full, what = sys.argv[1:6]
-for old in ([a, r] if what == "drop" else [full] if what == "assemble" else []):
+for old in ([a, r] if what == "drop" else [full] if what in ("assemble", "copy") else []):
     shutil.rmtree(old, ignore_errors=True)  # as for cp: removing the last run's output is not timed
 t = time.perf_counter()
 if what == "drop":
@@ -130,6 +130,9 @@ if what == "drop":
     layers.apply_layer_drop(src, plan, a, r, overwrite=True)
 elif what == "assemble":
     bundles.assemble(a, r, "FULL", full, overwrite=True)
+elif what == "copy":  # the foundation's streaming copy, the same writer with nothing to change
+    from helpers.checkpoint import copy_checkpoint
+    copy_checkpoint(src, full, overwrite=True)
 dt = time.perf_counter() - t
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
 hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -162,21 +165,23 @@ def bench_surgery(work: Path, cfg, repeats: int) -> dict:
     block = f"{L - 1 - L // 4}-{L - 2}"
     a, r, full, dst = work / "synth_A", work / "synth_bundles", work / "synth_full", work / "synth_cp"
     baseline = child(src, a, r, full, "import")  # RSS of the interpreter with torch and helpers loaded
-    runs = {"cp": [], "cp_fsync": [], "drop": [], "assemble": []}
-    rss = {"drop": 0, "assemble": 0}
+    runs = {"cp": [], "cp_fsync": [], "copy_checkpoint": [], "drop": [], "assemble": []}
+    rss = {"drop": 0, "assemble": 0, "copy_checkpoint": 0}
     for _ in range(repeats):
         runs["cp"].append(cp(src, dst, sync=False))
         runs["cp_fsync"].append(cp(src, dst, sync=True))
-        for what in ("drop", "assemble"):
+        for what in ("copy", "drop", "assemble"):
             res = child(src, a, r, full, what, block)
-            runs[what].append(res["seconds"])
-            rss[what] = max(rss[what], res["max_rss"])
+            key = "copy_checkpoint" if what == "copy" else what
+            runs[key].append(res["seconds"])
+            rss[key] = max(rss[key], res["max_rss"])
     t = {k: min(v) for k, v in runs.items()}
     shutil.rmtree(dst, ignore_errors=True)
     mb = 1e6
     return {"checkpoint_bytes": nbytes, "checkpoint_GB": round(nbytes / 1e9, 3), "layers": L, "dropped": block,
             **{f"{k}_s": round(v, 3) for k, v in t.items()},
             "drop_over_cp": round(t["drop"] / t["cp"], 3), "drop_over_cp_fsync": round(t["drop"] / t["cp_fsync"], 3),
+            "drop_over_copy_checkpoint": round(t["drop"] / t["copy_checkpoint"], 3),
             "assemble_over_cp": round(t["assemble"] / t["cp"], 3),
             "assemble_over_cp_fsync": round(t["assemble"] / t["cp_fsync"], 3),
             "baseline_rss_MB": round(baseline["max_rss"] / mb, 1),
@@ -192,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller everything (a smoke run, not a measurement)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared box)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--toy", default="runs/toy/world/mistral", help="the toy world's Mistral checkpoint")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: calibration,stages,toy,surgery")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
             report["stages_narrow"] = bench_stages(src, work, narrow.num_hidden_layers // 4, 8 if q else 48,
                                                    args.repeats, "narrow")
             print("stages", json.dumps(report["stages_narrow"]), flush=True)
-    toy = ROOT / "runs/toy/world/mistral"
+    toy = Path(args.toy)
     if "toy" not in skip and toy.exists():
         L = Checkpoint(toy).config["num_hidden_layers"]
         report["stages_toy"] = bench_stages(toy, work, round(0.25 * L), 8 if q else 48, args.repeats, "toy")

@@ -135,7 +135,7 @@ def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dic
     for p in old:  # stale bundles of an earlier split
         if p.is_dir() and p.name not in groups:
             shutil.rmtree(p)
-    base = {**fingerprint(src), "path": str(src.path)}
+    base = record["base"]
     for name, layers in groups.items():
         entries = [copied(src, n) for n in src.keys() if arch.layer_of(n) in set(layers)]
         dtypes = sorted({e.dtype for e in entries})
