@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from helpers import arch
-from helpers.checkpoint import Checkpoint, computed, copied, load_check, write_checkpoint
+from helpers.checkpoint import DTYPES, Checkpoint, Entry, computed, copied, load_check, write_checkpoint
 from helpers.fsutil import atomic_dir, read_json, write_json
 
 RECORD = "layer_drop.json"
@@ -201,15 +201,20 @@ def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str) -> dict:
     if not _same_base(meta.get("base", {}), a_fp):
         raise ValueError(f"bundle {bdir} was cut from another base ({_short(meta.get('base', {}))}, from "
                          f"{meta.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
-    if not _same_base(record.get("base", {}), a_fp):
-        raise ValueError(f"{RECORD} describes another base ({_short(record.get('base', {}))}) than stage A "
-                         f"{a.path} ({_short(a_fp)})")
     if list(meta["layers"]) != list(record["bundles"].get(name, [])):
         raise ValueError(f"bundle {bdir} holds layers {meta['layers']}, the record says {record['bundles'].get(name)}")
+    return meta
+
+
+def check_stage_a(a: Checkpoint, record: dict) -> None:
+    """Stage A is the model the record describes: same base, as many layers as it keeps."""
+    a_fp = fingerprint(a)
+    if not _same_base(record.get("base", {}), a_fp):
+        raise ValueError(f"{RECORD} describes another base ({_short(record.get('base', {}))}, from "
+                         f"{record.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
     n_a = arch.detect(a.config).n_layers(a.config)
     if n_a != len(record["kept"]):
         raise ValueError(f"stage A {a.path} has {n_a} layers, {RECORD} keeps {len(record['kept'])}")
-    return meta
 
 
 def stage_config(a_config: dict, record: dict, layers: list[int]) -> dict:
@@ -330,6 +335,7 @@ def load_stages(a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=to
     need = [b for b in bundle_names(record) if any(b in stage_bundles(record, s) for s in stages)]
     for b in need:  # every check before any weight is read
         check_bundle(a, record, bundles_dir, b)
+    check_stage_a(a, record)
     a_model = load_check(a_dir, dtype=dtype, own=own, **({"device_map": str(device)} if device else {})).eval()
     a_layers = list(a_model.base_model.layers)
     first = next(a_model.parameters())
@@ -364,10 +370,11 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
     bnames = stage_bundles(record, stage)
     for b in bnames:
         check_bundle(a, record, bundles_dir, b)
+    check_stage_a(a, record)
     pos = {orig: p for p, orig in enumerate(layers)}
     orig_of = {int(new): int(orig) for new, orig in record["kept"].items()}
     a_dtype = a.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in a else None
-    sources: list[tuple[int, object]] = []  # (sort key, entry): embeddings first, layers in order, head last
+    sources: list[tuple[int, Entry]] = []  # (sort key, entry): embeddings first, layers in order, head last
     for name in a.keys():
         l = arch.layer_of(name)
         key = (-1 if "embed" in name else len(layers)) if l is None else pos[orig_of[l]]
@@ -378,8 +385,6 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
             p = pos[arch.layer_of(name)]
             info = bck.info(name)
             if a_dtype and info.dtype != a_dtype:  # A was re-saved in another dtype (e.g. healed): match it
-                from helpers.checkpoint import DTYPES
-
                 ent = computed(arch.renumber(name, p), info, (lambda c=bck, n=name, d=DTYPES[a_dtype]: c.get(n).to(d)),
                                dtype=a_dtype)
             else:
