@@ -1,0 +1,405 @@
+"""Bundles of removed layers, and stages A / AB / FULL rebuilt from stage A plus bundles.
+
+On disk: a bundles directory holds one directory per bundle (B/, C/, ...: the removed layers'
+tensors under their ORIGINAL indices, one safetensors shard, and `bundle.json` naming the base it
+was cut from) plus `layer_drop.json`, the stage record (also inside stage A): original layer
+count, map new -> original index, dropped layers, bundles, base config, distances.
+
+A base is identified by its model_type, the sha256 of its config with the layer-count fields
+removed and the remaining fields canonicalised through transformers (so stage A, which differs
+only there, and re-saved configs agree), and the sha256 of the first rows of its input embeddings
+(which layer dropping leaves untouched). Bundles from another base are refused, naming both.
+
+In memory, stages share modules: one set of decoder layers (A's plus the bundles'), and each stage
+is a thin model whose `layers` list references them. Shared attention modules cannot hold one
+`layer_idx` per stage, so a pre-forward hook renumbers them to the running stage's positions on
+every call; each stage then uses an ordinary cache sized by its own config (cached generation
+works; stages must not run concurrently from several threads).
+
+Usage: `stages = load_stages("runs/toy/04/A", "runs/toy/04/bundles"); stages["AB"].generate(...)`
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from helpers import arch
+from helpers.checkpoint import DTYPES, Checkpoint, Entry, computed, copied, load_check, write_checkpoint
+from helpers.fsutil import atomic_dir, read_json, write_json
+
+RECORD = "layer_drop.json"
+BUNDLE = "bundle.json"
+STAGE = "stage.json"
+RECORD_FORMAT = "layer-drop/1"
+BUNDLE_FORMAT = "layer-bundle/1"
+# Fields that say nothing about which weights a config belongs to.
+COSMETIC_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
+                 "output_hidden_states", "output_attentions", "return_dict")
+EMBED_ROWS = 64
+
+
+# ---- identity of a base model ---------------------------------------------------------------
+def config_sha256(config: dict) -> str:
+    """sha256 of a config without its layer-count fields, canonicalised through transformers."""
+    fam = arch.detect(config)
+    d = {k: v for k, v in config.items() if k not in (fam.layers_key, *fam.per_layer_lists)}
+    try:  # same defaults and field spellings whichever transformers version wrote the file
+        from transformers import AutoConfig
+
+        kw = {k: v for k, v in d.items() if k != "model_type"}
+        d = AutoConfig.for_model(fam.model_type, **kw).to_dict()
+    except Exception:  # noqa: BLE001 - an odd config still hashes, just less canonically
+        pass
+    d = {k: v for k, v in d.items() if k not in (fam.layers_key, *fam.per_layer_lists, *COSMETIC_KEYS)}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def embed_sha256(ck: Checkpoint) -> str | None:
+    """sha256 of the first input-embedding rows as fp32 (independent of a bf16 <-> fp32 re-save)."""
+    name = next((n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in ck), None)
+    if name is None:
+        return None
+    rows = ck.get_slice(name)[:EMBED_ROWS].to(torch.float32).contiguous()  # [64, H]
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+
+
+def fingerprint(ck: Checkpoint) -> dict:
+    return {"model_type": arch.detect(ck.config).model_type, "config_sha256": config_sha256(ck.config),
+            "embed_sha256": embed_sha256(ck)}
+
+
+def _same_base(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("model_type", "config_sha256", "embed_sha256"))
+
+
+def _short(fp: dict) -> str:
+    return f"config {str(fp.get('config_sha256'))[:12]}, embeddings {str(fp.get('embed_sha256'))[:12]}"
+
+
+# ---- writing --------------------------------------------------------------------------------
+def write_checkpoint_dir(out, entries, extra_json: dict[str, dict], *, overwrite: bool = False, **kw) -> Path:
+    """`checkpoint.write_checkpoint` plus JSON files beside the weights, all in one atomic rename."""
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        inner = write_checkpoint(tmp / "weights", entries, **kw)
+        for p in list(inner.iterdir()):
+            p.rename(tmp / p.name)
+        inner.rmdir()
+        for name, obj in extra_json.items():
+            write_json(tmp / name, obj)
+    return out
+
+
+def largest_shard(ck: Checkpoint) -> int:
+    """Bytes of the source's largest shard: outputs keep about the same shard size."""
+    sizes: dict[str, int] = {}
+    for i in ck.infos.values():
+        sizes[i.shard] = sizes.get(i.shard, 0) + i.nbytes
+    return max(sizes.values(), default=1)
+
+
+def stage_record(src: Checkpoint, plan: dict) -> dict:
+    """The record stage A and the bundles directory carry (what rebuilding a stage needs)."""
+    keys = ("n_layers", "kept", "dropped", "block", "bundles", "selection", "drop_frac", "keep_last_layer",
+            "block_distance", "distances")
+    return {"format": RECORD_FORMAT, "model_type": plan["model_type"], "n_layers_a": len(plan["kept"]),
+            **{k: plan.get(k) for k in keys}, "base": {**fingerprint(src), "path": str(src.path)},
+            "base_config": src.config}
+
+
+def existing_bundles(path) -> list[Path]:
+    """Bundle directories (those holding bundle.json) under `path`, plus its record if present."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    found = sorted(q.parent for q in p.glob(f"*/{BUNDLE}"))
+    return found + ([p / RECORD] if (p / RECORD).exists() else [])
+
+
+def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dict, overwrite: bool = False) -> Path:
+    """Write each group of layers as a bundle directory, then the record (last: it marks completion)."""
+    out = Path(out)
+    old = existing_bundles(out)
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds bundles; pass overwrite=True (--overwrite) to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORD).unlink(missing_ok=True)
+    for p in old:  # stale bundles of an earlier split
+        if p.is_dir() and p.name not in groups:
+            shutil.rmtree(p)
+    base = record["base"]
+    for name, layers in groups.items():
+        entries = [copied(src, n) for n in src.keys() if arch.layer_of(n) in set(layers)]
+        dtypes = sorted({e.dtype for e in entries})
+        meta = {"format": BUNDLE_FORMAT, "name": name, "model_type": base["model_type"], "layers": list(layers),
+                "n_layers_base": arch.detect(src.config).n_layers(src.config), "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+                "n_tensors": len(entries), "base": base}
+        write_checkpoint_dir(out / name, entries, {BUNDLE: meta}, config=None, n_shards=1, overwrite=overwrite,
+                             desc=f"bundle {name}")
+    write_json(out / RECORD, record)
+    return out
+
+
+# ---- reading and checking -------------------------------------------------------------------
+def read_record(a_dir, bundles_dir) -> dict:
+    """Stage A's record (or, for an A re-saved without one, e.g. after healing, the bundles')."""
+    for p in (Path(a_dir) / RECORD, Path(bundles_dir) / RECORD):
+        if p.exists():
+            rec = read_json(p)
+            if rec.get("format") != RECORD_FORMAT:
+                raise ValueError(f"{p}: not a layer-drop record (format {rec.get('format')!r})")
+            return rec
+    raise FileNotFoundError(f"neither {Path(a_dir) / RECORD} nor {Path(bundles_dir) / RECORD}: "
+                            "not the output of layer-drop")
+
+
+def bundle_names(record: dict) -> list[str]:
+    return list(record["bundles"])
+
+
+def stage_bundles(record: dict, stage: str) -> list[str]:
+    """Bundles a stage adds to A: 'A' none, 'FULL' all, 'AB' / 'ABC' / 'AC' those letters."""
+    names = bundle_names(record)
+    if stage == "FULL":
+        return names
+    rest = list(stage[1:]) if stage.startswith("A") else None
+    if rest is None or any(b not in names for b in rest) or len(set(rest)) != len(rest):
+        raise ValueError(f"stage {stage!r}: expected A, FULL or A followed by bundle names from {names}")
+    return sorted(rest, key=names.index)
+
+
+def stage_layers(record: dict, stage: str) -> list[int]:
+    """Original indices of the layers a stage runs, in order."""
+    kept = [int(v) for v in record["kept"].values()]
+    added = [l for b in stage_bundles(record, stage) for l in record["bundles"][b]]
+    return sorted(kept + added)
+
+
+def default_stages(record: dict) -> list[str]:
+    names = bundle_names(record)
+    return ["A"] + ["A" + "".join(names[:k]) for k in range(1, len(names))] + ["FULL"]
+
+
+def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str) -> dict:
+    """bundle.json of bundle `name`, checked against stage A (model type, base, layers)."""
+    bdir = Path(bundles_dir) / name
+    if not (bdir / BUNDLE).exists():
+        raise FileNotFoundError(f"{bdir}: no {BUNDLE} (bundles there: {[p.name for p in existing_bundles(bundles_dir)]})")
+    meta = read_json(bdir / BUNDLE)
+    a_fp = fingerprint(a)
+    if meta.get("model_type") != a_fp["model_type"]:
+        raise ValueError(f"bundle {bdir} holds {meta.get('model_type')!r} layers but stage A {a.path} is a "
+                         f"{a_fp['model_type']!r} model")
+    if not _same_base(meta.get("base", {}), a_fp):
+        raise ValueError(f"bundle {bdir} was cut from another base ({_short(meta.get('base', {}))}, from "
+                         f"{meta.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
+    if list(meta["layers"]) != list(record["bundles"].get(name, [])):
+        raise ValueError(f"bundle {bdir} holds layers {meta['layers']}, the record says {record['bundles'].get(name)}")
+    return meta
+
+
+def check_stage_a(a: Checkpoint, record: dict) -> None:
+    """Stage A is the model the record describes: same base, as many layers as it keeps."""
+    a_fp = fingerprint(a)
+    if not _same_base(record.get("base", {}), a_fp):
+        raise ValueError(f"{RECORD} describes another base ({_short(record.get('base', {}))}, from "
+                         f"{record.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
+    n_a = arch.detect(a.config).n_layers(a.config)
+    if n_a != len(record["kept"]):
+        raise ValueError(f"stage A {a.path} has {n_a} layers, {RECORD} keeps {len(record['kept'])}")
+
+
+def stage_config(a_config: dict, record: dict, layers: list[int]) -> dict:
+    """A's config (as saved, healed or not) with the layer fields of a stage running `layers`."""
+    out = arch.keep_layers_config(record["base_config"], layers)
+    fam = arch.detect(record["base_config"])
+    cfg = dict(a_config)
+    for key in (fam.layers_key, *fam.per_layer_lists):
+        if key in out:
+            cfg[key] = out[key]
+    return cfg
+
+
+# ---- in memory ------------------------------------------------------------------------------
+def _stage_config_object(a_config, record: dict, layers: list[int]):
+    """A copy of A's config object (attention implementation and all) with a stage's layer fields."""
+    cfg = copy.deepcopy(a_config)
+    fields = stage_config(a_config.to_dict(), record, layers)
+    fam = arch.detect(record["base_config"])
+    for key in (fam.layers_key, *fam.per_layer_lists):
+        if key in fields:
+            setattr(cfg, key, fields[key])
+    return cfg
+
+
+def _memory_names(fam: arch.Family, sd: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """One layer's on-disk tensors under its in-memory names (Mixtral legacy experts fused)."""
+    prefix = f"model.layers.{layer}."
+    router = arch.LEGACY.router.format(l=layer)
+    if fam.is_moe and router in sd:
+        w = {}
+        for k in list(sd):
+            if m := arch.LEGACY_EXPERT_RE.match(k):
+                w[int(m.group(2)), m.group(3)] = sd.pop(k)  # [I, H] or [H, I]
+        E = 1 + max(e for e, _ in w)
+        sd[prefix + "mlp.gate.weight"] = sd.pop(router)  # [E, H]
+        sd[prefix + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w[e, "w1"], w[e, "w3"]]) for e in range(E)])  # [E, 2I, H]
+        sd[prefix + "mlp.experts.down_proj"] = torch.stack([w[e, "w2"] for e in range(E)])  # [E, H, I]
+    return {k[len(prefix):]: v for k, v in sd.items()}
+
+
+def _load_bundle_layers(bdir: Path, layer_cls, config, dtype, device) -> dict[int, nn.Module]:
+    """Fresh decoder layers (original layer_idx) holding a bundle's weights, in owned memory."""
+    ck = Checkpoint(bdir)
+    fam = arch.detect(config.to_dict())
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in ck.iter():
+        by_layer.setdefault(arch.layer_of(name), {})[name] = t
+    out = {}
+    for l, sd in sorted(by_layer.items()):
+        with torch.device("meta"):
+            layer = layer_cls(config, l).to(dtype)
+        if any(True for _ in layer.buffers()):  # buffers would come out of to_empty uninitialised
+            with torch.device(device):
+                layer = layer_cls(config, l).to(dtype)
+        else:
+            layer = layer.to_empty(device=device)
+        layer.load_state_dict(_memory_names(fam, sd, l), strict=True)  # copies (and casts) into the new tensors
+        out[l] = layer.eval()
+    return out
+
+
+def _renumber_hook(layers: list[nn.Module]):
+    """A pre-forward hook setting every `layer_idx` in `layers` to its position in this stage."""
+    pairs = [(m, pos) for pos, layer in enumerate(layers) for m in layer.modules() if hasattr(m, "layer_idx")]
+
+    def hook(_module, _args):
+        for m, pos in pairs:
+            m.layer_idx = pos
+    return hook
+
+
+def _view(a_model, layers: list[nn.Module], config):
+    """A model of A's class sharing every module of `a_model` except its list of decoder layers."""
+    with torch.device("meta"):
+        view = type(a_model)(config)
+    a_base, v_base = a_model.base_model, view.base_model
+    for name, child in a_model.named_children():
+        if child is not a_base:
+            setattr(view, name, child)
+    for name, child in a_base.named_children():
+        setattr(v_base, name, nn.ModuleList(layers) if name == "layers" else child)
+    for src, dst in ((a_model, view), (a_base, v_base)):
+        dst._parameters.update(src._parameters)
+        dst._buffers.update(src._buffers)
+    left = [n for n, t in chain(view.named_parameters(), view.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"stage view of {type(a_model).__name__} left unshared tensors: {left[:4]}")
+    view.generation_config = copy.deepcopy(a_model.generation_config)
+    return view.eval()
+
+
+def _share_output_hooks(models: list, all_layers: list[nn.Module], a_model) -> None:
+    """Install transformers' output-capturing hooks once on the shared modules, not once per stage
+    (per-stage installs would record every shared layer twice with output_hidden_states)."""
+    try:
+        from transformers.utils.output_capturing import install_all_output_capturing_hooks
+    except ImportError:
+        return
+    cfg = copy.deepcopy(a_model.config)
+    cfg.num_hidden_layers = len(all_layers)
+    union = _view(a_model, all_layers, cfg)
+    install_all_output_capturing_hooks(union.base_model)
+    for m in models:
+        m.base_model._output_capturing_hooks_installed = True
+
+
+def load_stages(a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=torch.float32, device=None,
+                own: bool = True) -> dict:
+    """{"A", "AB", ..., "FULL"} (or the `stages` asked for) as models sharing module weights.
+
+    Loads stage A once (`checkpoint.load_check`: fails on missing keys; `own` copies the weights
+    out of the mmap so logits are bit-reproducible) and each needed bundle once.
+    """
+    a = Checkpoint(a_dir)
+    record = read_record(a_dir, bundles_dir)
+    stages = list(stages or default_stages(record))
+    need = [b for b in bundle_names(record) if any(b in stage_bundles(record, s) for s in stages)]
+    for b in need:  # every check before any weight is read
+        check_bundle(a, record, bundles_dir, b)
+    check_stage_a(a, record)
+    a_model = load_check(a_dir, dtype=dtype, own=own, **({"device_map": str(device)} if device else {})).eval()
+    a_layers = list(a_model.base_model.layers)
+    first = next(a_model.parameters())
+    by_orig = {int(orig): a_layers[int(new)] for new, orig in record["kept"].items()}
+    full_cfg = _stage_config_object(a_model.config, record, stage_layers(record, "FULL"))
+    for b in need:
+        by_orig.update(_load_bundle_layers(Path(bundles_dir) / b, type(a_layers[0]), full_cfg, first.dtype, first.device))
+    out = {}
+    for s in stages:
+        layers = [by_orig[l] for l in stage_layers(record, s)]
+        if s == "A":
+            model = a_model
+        else:
+            model = _view(a_model, layers, _stage_config_object(a_model.config, record, stage_layers(record, s)))
+        model.base_model.register_forward_pre_hook(_renumber_hook(layers))
+        out[s] = model
+    _share_output_hooks(list(out.values()), [by_orig[l] for l in sorted(by_orig)], a_model)
+    return out
+
+
+def load_stage(a_dir, bundles_dir, stage: str, **kw):
+    """One stage ("A", "AB", "FULL", ...) in memory; loads only the bundles it needs."""
+    return load_stages(a_dir, bundles_dir, [stage], **kw)[stage]
+
+
+# ---- standalone checkpoints -----------------------------------------------------------------
+def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Path:
+    """Write `stage` as a standalone HF checkpoint (layers renumbered 0..n-1), streaming byte copies."""
+    a = Checkpoint(a_dir)
+    record = read_record(a_dir, bundles_dir)
+    layers = stage_layers(record, stage)
+    bnames = stage_bundles(record, stage)
+    for b in bnames:
+        check_bundle(a, record, bundles_dir, b)
+    check_stage_a(a, record)
+    pos = {orig: p for p, orig in enumerate(layers)}
+    orig_of = {int(new): int(orig) for new, orig in record["kept"].items()}
+    a_dtype = a.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in a else None
+    sources: list[tuple[int, Entry]] = []  # (sort key, entry): embeddings first, layers in order, head last
+    for name in a.keys():
+        l = arch.layer_of(name)
+        key = (-1 if "embed" in name else len(layers)) if l is None else pos[orig_of[l]]
+        sources.append((key, copied(a, name, None if l is None else arch.renumber(name, pos[orig_of[l]]))))
+    for b in bnames:
+        bck = Checkpoint(Path(bundles_dir) / b)
+        for name in bck.keys():
+            p = pos[arch.layer_of(name)]
+            info = bck.info(name)
+            if a_dtype and info.dtype != a_dtype:  # A was re-saved in another dtype (e.g. healed): match it
+                ent = computed(arch.renumber(name, p), info, (lambda c=bck, n=name, d=DTYPES[a_dtype]: c.get(n).to(d)),
+                               dtype=a_dtype)
+            else:
+                ent = copied(bck, name, arch.renumber(name, p))
+            sources.append((p, ent))
+    entries = [e for _, e in sorted(sources, key=lambda s: s[0])]
+    info = {"stage": stage, "layers": layers, "bundles": bnames, "base": record["base"],
+            "from": {"stage_a": str(a.path), "bundles": str(bundles_dir)}}
+    return write_checkpoint_dir(out, entries, {STAGE: info}, config=stage_config(a.config, record, layers),
+                                side_files_from=a.path, max_shard_size=largest_shard(a), overwrite=overwrite,
+                                desc=f"assemble {stage}")
+
+
+def cli_assemble(args) -> int:
+    out = assemble(args.base_model, args.bundles_dir, args.stage, args.out, overwrite=args.overwrite)
+    n = len(stage_layers(read_record(args.base_model, args.bundles_dir), args.stage))
+    print(f"stage {args.stage}: {n} layers -> {out}")
+    return 0
