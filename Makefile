@@ -40,6 +40,9 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/checkpoint_copy.py
+	$(BIN)/python bench/expert_prune.py
+	$(BIN)/python bench/layers.py
+	$(BIN)/python bench/eval.py
 
 clean-runs:
 	rm -rf runs/

@@ -11,7 +11,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from helpers import synth  # noqa: E402
+
+# Tiny models: one thread is faster than two (no sync overhead) and steadier on a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
