@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from helpers import arch
-from helpers.checkpoint import DTYPES, Checkpoint, Entry, computed, copied, load_check, write_checkpoint
+from helpers.checkpoint import Checkpoint, Entry, computed, copied, load_check, torch_dtype, write_checkpoint
 from helpers.fsutil import atomic_dir, read_json, write_json
 
 RECORD = "layer_drop.json"
@@ -385,7 +385,7 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
             p = pos[arch.layer_of(name)]
             info = bck.info(name)
             if a_dtype and info.dtype != a_dtype:  # A was re-saved in another dtype (e.g. healed): match it
-                ent = computed(arch.renumber(name, p), info, (lambda c=bck, n=name, d=DTYPES[a_dtype]: c.get(n).to(d)),
+                ent = computed(arch.renumber(name, p), info, (lambda c=bck, n=name, d=torch_dtype(a_dtype): c.get(n).to(d)),
                                dtype=a_dtype)
             else:
                 ent = copied(bck, name, arch.renumber(name, p))

@@ -151,11 +151,7 @@ def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
 
 
 def _sizes(entries: list[Entry]) -> tuple[int, int]:
-    from helpers.checkpoint import DTYPES
-
-    nbytes = sum(e.nbytes for e in entries)
-    params = sum(e.nbytes // torch.empty((), dtype=DTYPES[e.dtype]).element_size() for e in entries)
-    return nbytes, params
+    return sum(e.nbytes for e in entries), sum(e.numel for e in entries)
 
 
 def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None,

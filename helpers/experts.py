@@ -126,7 +126,7 @@ class ExpertView:
         name, off = self._fused_loc(layer, expert, w)
         i = self.ck.info(name)  # [E, 2I, H] or [E, H, I], row-major
         rows, cols = self.shape(w)
-        item = torch.empty((), dtype=DTYPES[i.dtype]).element_size()
+        item = DTYPES[i.dtype][0]  # bytes per element
         start = i.start + (expert * i.shape[1] + off) * i.shape[2] * item
         return ByteRange(i.shard, start, start + rows * cols * item, i.dtype, (rows, cols))
 

@@ -102,6 +102,18 @@ def _write_subset(questions: Sequence[Question], shots: dict[str, list[Question]
     return mmlu_pro.write_dataset(out, mmlu_pro.question_rows(questions), mmlu_pro.question_rows(val))
 
 
+@contextlib.contextmanager
+def _keep_grad_mode():
+    """lighteval turns autograd off process-wide (at import and per model); put it back after."""
+    import torch
+
+    was = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_grad_enabled(was)
+
+
 def run_lighteval(model, questions: Sequence[Question], shots: dict[str, list[Question]], out_dir,
                   modes: Sequence[str] = ("loglik",), tokenizer=None, batch_size: int = 8,
                   max_length: int | None = None, loglik_shots: int = 0, cot_shots: int = 5,
@@ -113,6 +125,13 @@ def run_lighteval(model, questions: Sequence[Question], shots: dict[str, list[Qu
     own output lands in `<out_dir>/lighteval/`. Returns one TaskResult per mode (task names
     lighteval_loglik / lighteval_cot), with lighteval's aggregate kept as `lighteval_acc`.
     """
+    with _keep_grad_mode():
+        return _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_size, max_length,
+                              loglik_shots, cot_shots, max_new_tokens, device, dtype, name)
+
+
+def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_size, max_length, loglik_shots,
+                   cot_shots, max_new_tokens, device, dtype, name) -> list[TaskResult]:
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.models.transformers.transformers_model import TransformersModelConfig
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
