@@ -269,6 +269,30 @@ def sweep(entropies, correct: dict, layers: dict, n_grid: int = 21) -> pd.DataFr
     return df.sort_values("avg_layers").reset_index(drop=True)
 
 
+def compare_table(entropies, correct: dict, layers: dict, named: dict[str, Thresholds]) -> pd.DataFrame:
+    """Outcome of each single stage and of each named set of thresholds on the same samples."""
+    only = {f"only {st}": Thresholds(*cuts, "manual", None, 0, "")
+            for st, cuts in zip(STAGES, [(math.inf, math.inf), (NEVER, math.inf), (NEVER, NEVER)])}
+    return pd.DataFrame([{"name": k, **routed_outcome(entropies, correct, layers, th)}
+                         for k, th in {**only, **named}.items()])
+
+
+def auroc(entropies, wrong) -> float:
+    """P(entropy of a wrong answer > entropy of a right one), ties count half: how well entropy flags errors."""
+    h, w = np.asarray(entropies, dtype=np.float64), np.asarray(wrong, dtype=bool)
+    if w.all() or not w.any():
+        return float("nan")
+    ranks = pd.Series(h).rank().to_numpy()  # average ranks for ties
+    n1, n0 = w.sum(), (~w).sum()
+    return float((ranks[w].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def correctness_frame(entropies, correct: dict) -> pd.DataFrame:
+    """Long form (entropy, stage, correct) for plotting entropy by correctness."""
+    return pd.concat([pd.DataFrame({"entropy": entropies, "stage": st, "correct": np.asarray(correct[st], dtype=bool)})
+                      for st in STAGES], ignore_index=True)
+
+
 def n_layers(model) -> int:
     return len(model.get_decoder().layers)
 
@@ -288,6 +312,9 @@ class Routed:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def row(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
     def header(self) -> str:
         return (f"stage {self.stage} | entropy {self.entropy:.4f} nats | {self.new_tokens} tokens | "
@@ -314,7 +341,8 @@ class Router:
 
         from helpers import bundles
 
-        return cls(bundles.load_stages(a_dir, bundles_dir), AutoTokenizer.from_pretrained(a_dir), th)
+        kw = {"dtype": torch.bfloat16, "device": "cuda"} if torch.cuda.is_available() else {}  # fp32 on CPU
+        return cls(bundles.load_stages(a_dir, bundles_dir, **kw), AutoTokenizer.from_pretrained(a_dir), th)
 
     def choose(self, prompt: str) -> tuple[str, float]:
         enc = self.tokenizer([prompt], return_tensors="pt")
@@ -340,6 +368,11 @@ class Router:
         dt = time.perf_counter() - t0
         new = out[0, enc["input_ids"].shape[1]:]
         return Routed(prompt, stage, h, self.tokenizer.decode(new, skip_special_tokens=True), len(new), dt)
+
+
+    def table(self, prompts: Sequence[str], max_new_tokens: int = 32) -> pd.DataFrame:
+        """Route and answer each prompt: one row per prompt (stage, entropy, text, tokens/s)."""
+        return pd.DataFrame([self.generate(p, max_new_tokens).row() for p in tqdm(prompts, desc="route", leave=False)])
 
 
 def _sync(dev: torch.device) -> None:

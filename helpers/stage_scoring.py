@@ -131,3 +131,18 @@ def stage_table(stages: dict, tokenizer, texts: Sequence[str], base=None) -> pd.
             row["max_abs_logit_diff_vs_base"] = float((lg - ref.to(lg.device)).abs()[real.to(lg.device)].max())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def model_report(models: dict, tokenizer, texts: Sequence[str], questions: Sequence[dict], *, batch_size: int = 16,
+                 dtype=torch.float32, device=None) -> pd.DataFrame:
+    """Per named model (in memory, or a checkpoint dir loaded one at a time): held-out loss and cloze accuracy."""
+    from helpers.checkpoint import load_check
+
+    rows = []
+    for name, m in models.items():
+        model = load_check(m, dtype=dtype, **({"device_map": str(device)} if device else {})).eval() \
+            if isinstance(m, (str, Path)) else m
+        rows.append({"model": name, "loss": mean_nll(model, tokenizer, texts, batch_size),
+                     "cloze_acc": float(cloze_correct(model, tokenizer, questions, batch_size).mean())})
+        del model  # a loaded checkpoint is freed before the next one loads
+    return pd.DataFrame(rows)
