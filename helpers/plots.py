@@ -33,7 +33,7 @@ def routing_tradeoff(sweep: pd.DataFrame, marks: pd.DataFrame | None = None):
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.scatterplot(sweep, x="avg_layers", y="accuracy", color="0.75", s=18, ax=ax, label="threshold pairs")
-    front = sweep[sweep["pareto"]].sort_values("avg_layers")
+    front = sweep[sweep["pareto"]].drop_duplicates(["avg_layers", "accuracy"]).sort_values("avg_layers")
     ax.plot(front["avg_layers"], front["accuracy"], "-o", color="tab:blue", ms=4, label="entropy routing (frontier)")
     ax.plot(front["avg_layers"], front["blind_accuracy"], "--", color="tab:gray", lw=1,
             label="frontier's mixes, routed blindly")

@@ -165,9 +165,12 @@ class Thresholds:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no thresholds file; calibrate them (notebook 05) or pass --thresholds")
         d = read_json(p)
-        if d.pop("format", None) != FORMAT:
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
             raise ValueError(f"{p}: not a thresholds file (format is not {FORMAT})")
-        th = cls(**d)
+        try:
+            th = cls(**d)
+        except TypeError as e:
+            raise ValueError(f"{p}: malformed thresholds file ({e})") from None
         return th.check(fingerprint, str(p)) if fingerprint is not None else th
 
 

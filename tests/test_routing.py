@@ -145,6 +145,11 @@ def test_thresholds_roundtrip_json_and_refuse_another_base(tmp_path, tiny_mistra
         Thresholds.load(path, fingerprint=routing.fingerprint(other))
     with pytest.raises(FileNotFoundError, match="no thresholds file"):
         Thresholds.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"format": routing.FORMAT, "t_a": 1.0}))
+    with pytest.raises(ValueError, match="malformed"):
+        Thresholds.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="t_a <= t_ab"):
+        Thresholds(2.0, 1.0, "manual", None, 0, fp)
 
 
 def _spread_thresholds(stages, tok, prompts) -> tuple[Thresholds, np.ndarray]:
@@ -313,3 +318,33 @@ def test_cli_route_refuses_thresholds_of_another_base(on_disk, tmp_path, capsys)
     assert err.startswith("error:") and "recalibrate" in err and len(err.strip().splitlines()) == 1
     assert main([*base, "--thresholds", str(tmp_path / "none.json"), "--prompt", "hi"]) == 2
     assert "no thresholds file" in capsys.readouterr().err
+
+
+def test_route_cli_end_to_end_on_layer_drop_output(tmp_path):
+    """The real pipeline: layer-drop writes A + bundles, bundles.load_stages reads them, route serves stdin.
+
+    Needs helpers.layers and helpers.bundles (the layers helper's branch).
+    """
+    from helpers import bundles
+    from helpers.cli import main
+
+    cfg = synth.tiny_config("mistral")
+    src = synth.save_random(cfg, tmp_path / "base", n_shards=2, model=synth.random_model(cfg, seed=3, std=0.1))
+    a, b = tmp_path / "A", tmp_path / "bundles"
+    assert main(["layer-drop", "--model", str(src), "--layers", "4-6", "--save-dir", str(a),
+                 "--save-removed-dir", str(b)]) == 0
+    stages = bundles.load_stages(a, b)
+    tok = AutoTokenizer.from_pretrained(a)
+    h = np.array([routing.prompt_entropy(stages["A"], tok, [p])[0] for p in PROMPTS])  # the router's own path
+    s = np.sort(h)
+    th = Thresholds((s[0] + s[1]) / 2, (s[-2] + s[-1]) / 2, "manual", None, len(h), routing.fingerprint(a))
+    th.save(b / routing.THRESHOLDS_FILE)  # the default location
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    res = subprocess.run([sys.executable, "-m", "helpers", "route", "--base-model", str(a), "--bundles-dir", str(b),
+                          "--max-new-tokens", "3"], input="\n".join(PROMPTS) + "\n", capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    heads = HEADER.findall(res.stdout)
+    assert [x[0] for x in heads] == [th.stage(v) for v in h]
+    assert {x[0] for x in heads} == set(STAGES)
+    np.testing.assert_allclose([float(x[1]) for x in heads], h, atol=1e-4)
