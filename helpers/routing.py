@@ -310,7 +310,8 @@ class Routed:
     entropy: float
     text: str
     new_tokens: int
-    seconds: float
+    seconds: float  # generation on the chosen stage
+    route_seconds: float = 0.0  # the entropy pass on stage A that chose it
 
     @property
     def tokens_per_s(self) -> float:
@@ -321,7 +322,7 @@ class Routed:
 
     def header(self) -> str:
         return (f"stage {self.stage} | entropy {self.entropy:.4f} nats | {self.new_tokens} tokens | "
-                f"{self.tokens_per_s:.1f} tok/s")
+                f"{self.tokens_per_s:.1f} tok/s | routed in {self.route_seconds * 1e3:.0f} ms")
 
 
 class Router:
@@ -359,7 +360,9 @@ class Router:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 32) -> Routed:
+        t_route = time.perf_counter()
         stage, h = self.choose(prompt)
+        t_route = time.perf_counter() - t_route
         model = self.stages[stage]
         dev = _device(model)
         enc = self.tokenizer([prompt], return_tensors="pt").to(dev)
@@ -370,7 +373,7 @@ class Router:
         _sync(dev)
         dt = time.perf_counter() - t0
         new = out[0, enc["input_ids"].shape[1]:]
-        return Routed(prompt, stage, h, self.tokenizer.decode(new, skip_special_tokens=True), len(new), dt)
+        return Routed(prompt, stage, h, self.tokenizer.decode(new, skip_special_tokens=True), len(new), dt, t_route)
 
 
     def table(self, prompts: Sequence[str], max_new_tokens: int = 32) -> pd.DataFrame:

@@ -25,7 +25,8 @@ from helpers.routing import STAGES, Router, Thresholds
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["what is 3 plus 4 ?", "count the letters in apple .", "9", "sort these words : pear , fig , kiwi , and apple",
            "which number is largest : 5 , 9 , 2 ?", "the next letter after c is"]
-HEADER = re.compile(r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tokens \| (\d+\.\d) tok/s$", re.M)
+HEADER = re.compile(r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tokens \| (\d+\.\d) tok/s \| routed in \d+ ms$",
+                    re.M)
 
 
 def sub_model(full, keep: list[int]):
