@@ -59,7 +59,8 @@ def healing(losses: pd.DataFrame, history: pd.DataFrame | None = None):
     sns.barplot(losses, x="model", y="loss", hue="model", ax=ax, legend=False)
     for c in ax.containers:
         ax.bar_label(c, fmt="%.3f", fontsize=8)
-    ax.set(title="held-out loss (nats/token)", xlabel="")
+    lo, hi = losses["loss"].min(), losses["loss"].max()
+    ax.set(title="held-out loss (nats/token)", xlabel="", ylim=(max(0.0, lo - 0.5 * (hi - lo) - 1e-3), hi + 0.15 * (hi - lo) + 1e-3))
     ax.tick_params(axis="x", rotation=20)
     if n == 2:
         train = history[history["metric"] == "train loss"]
