@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ FULL = {
     "eval_batch": 64,
 }
 QUICK = {
-    "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 4, "n_countries": 10},
+    "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
     "tokenizer": {"vocab_size": 400},
     "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 12, "batch": 16}},
     "mixtral": {"config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
@@ -205,31 +206,36 @@ def pretrain(model, seqs: list[tuple[list[int], int]], *, steps: int, batch: int
 # ---- scoring ----
 
 @torch.no_grad()
-def cloze_accuracy(model, tok, rows: list[dict], batch_size: int = 64) -> dict:
-    """Accuracy when the answer is the option whose TEXT is most likely after "Question: q\\nAnswer:".
-
-    Sum of the option tokens' log-probabilities (lm-eval's `acc`); returns
-    {"overall", "per_category": {cat: acc}, "n", "n_per_category"} (micro averages).
-    """
+def option_scores(model, tok, rows: list[dict], batch_size: int = 64) -> list[list[float]]:
+    """Per row, per option: summed log-probability of " <option text>" after "Question: q\nAnswer:"."""
     model.eval()
     pairs = []  # (row index, option index, context ids, continuation ids)
     ctx = tok([tasks.cloze_prompt(r["question"]) for r in rows])["input_ids"]
     for i, r in enumerate(rows):
         conts = tok([" " + o for o in r["options"]], add_special_tokens=False)["input_ids"]
         pairs += [(i, j, ctx[i], c) for j, c in enumerate(conts)]
-    pairs.sort(key=lambda p: len(p[2]) + len(p[3]))
-    scores: dict[tuple[int, int], float] = {}
+    pairs.sort(key=lambda p: len(p[2]) + len(p[3]))  # similar lengths together: little padding
+    scores = [[0.0] * len(r["options"]) for r in rows]
     for k in tqdm(range(0, len(pairs), batch_size), desc="cloze", leave=False):
         chunk = pairs[k:k + batch_size]
         ids, mask = pad([p[2] + p[3] for p in chunk], tok.pad_token_id)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # [B, T, V]
         for b, (i, j, c, o) in enumerate(chunk):
-            pos = torch.arange(len(c) - 1, len(c) + len(o) - 1)
-            scores[i, j] = logp[b, pos, torch.tensor(o)].sum().item()
+            pos = torch.arange(len(c) - 1, len(c) + len(o) - 1)  # positions that predict the option tokens
+            scores[i][j] = logp[b, pos, torch.tensor(o)].sum().item()
+    return scores
+
+
+def cloze_accuracy(model, tok, rows: list[dict], batch_size: int = 64) -> dict:
+    """Accuracy when the answer is the option whose TEXT is most likely after the question.
+
+    Summed log-probability of the option tokens (lm-eval's `acc`); returns
+    {"overall", "per_category": {cat: acc}, "n", "n_per_category"} (micro averages).
+    """
+    scores = option_scores(model, tok, rows, batch_size)
     hits: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        pred = max(range(len(r["options"])), key=lambda j: scores[i, j])
-        hits.setdefault(r["category"], []).append(int(pred == r["answer_index"]))
+    for r, sc in zip(rows, scores):
+        hits.setdefault(r["category"], []).append(int(max(range(len(sc)), key=sc.__getitem__) == r["answer_index"]))
     n = sum(len(h) for h in hits.values())
     return {"overall": round(sum(sum(h) for h in hits.values()) / n, 4),
             "per_category": {c: round(sum(h) / len(h), 4) for c, h in hits.items()},
@@ -347,9 +353,13 @@ def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) ->
     return model, info
 
 
-def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False) -> Path:
-    """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`."""
-    torch.set_num_threads(2)
+def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False,
+                threads: int | None = None) -> Path:
+    """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`.
+
+    Threads: 2 (this project's CPU box) or 1 for --quick, whose matrices are too small to share.
+    """
+    torch.set_num_threads(threads or (1 if quick else min(2, os.cpu_count() or 1)))
     out = Path(out)
     spec = spec_for(quick)
     if not force and cached(out, spec, seed):
