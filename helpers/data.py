@@ -3,9 +3,10 @@
 Usage: `texts = load_texts("toy", n=64)`; `ds = load_sft("toy", n=200)` (a datasets.Dataset with "messages")
 
 Sources: "toy" (the world's calib/calib.jsonl, finetune/{split}.jsonl), a path to a .jsonl,
-.parquet or .txt file, or "c4" / "wikitext" (streamed from the hub; needs a network). Rows of a
-file may hold "text", "messages", "prompt"/"completion", or the MMLU-Pro schema (question, options,
-answer_index): each is turned into what the caller asked for. With `n`, rows are drawn by a
+.parquet or .txt file, "c4" / "wikitext", or any hub dataset id "owner/name[:config]" (these four
+stream from the hub and need a network). Rows may hold "text", "messages", "prompt"/"completion",
+"question"/"answer" (gsm8k), or the MMLU-Pro schema (question, options, answer_index): each is
+turned into what the caller asked for. With `n`, rows are drawn by a
 seeded shuffle (the same seed gives the same rows, and a smaller n a prefix of a larger one).
 """
 
@@ -19,14 +20,28 @@ from pathlib import Path
 DEFAULT_WORLD = "runs/toy/world"
 FILE_SUFFIXES = (".jsonl", ".parquet", ".txt")
 HUB = {
-    "c4": ("allenai/c4", {"data_files": "en/c4-validation.00000-of-00008.json.gz", "split": "train"}, "text"),
-    "wikitext": ("Salesforce/wikitext", {"name": "wikitext-2-raw-v1", "split": "test"}, "text"),
+    "c4": ("allenai/c4", {"data_files": "en/c4-validation.00000-of-00008.json.gz", "split": "train"}),
+    "wikitext": ("Salesforce/wikitext", {"name": "wikitext-2-raw-v1", "split": "test"}),
 }
+HUB_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}  # datasets that need a config name
 
 
 def _unknown(source) -> ValueError:
     return ValueError(f"unknown data source {str(source)!r}: expected 'toy', a path to a "
-                      f"{'/'.join(FILE_SUFFIXES)} file, or one of {sorted(HUB)}")
+                      f"{'/'.join(FILE_SUFFIXES)} file, one of {sorted(HUB)}, or a hub id owner/name[:config]")
+
+
+def hub_id(source) -> tuple[str, dict] | None:
+    """(repo, load_dataset kwargs) for "c4", "wikitext" or "owner/name[:config]"; None for anything else."""
+    s = str(source)
+    if s in HUB:
+        return HUB[s][0], dict(HUB[s][1])
+    repo, _, config = s.partition(":")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or Path(s).suffix or Path(s).exists() or s.startswith((".", "/")):
+        return None
+    config = config or HUB_CONFIGS.get(repo)
+    return repo, ({"name": config} if config else {})
 
 
 def world_dir(world) -> Path:
@@ -66,8 +81,10 @@ def read_rows(path) -> list[dict]:
 
 
 def _qa(row: dict) -> tuple[str, str]:
-    """(question, answer text) of an MMLU-Pro-schema row."""
-    return row["question"], row["options"][row["answer_index"]]
+    """(question, answer text) of an MMLU-Pro-schema row, or of a question/answer row (gsm8k)."""
+    if "options" in row and "answer_index" in row:
+        return row["question"], row["options"][row["answer_index"]]
+    return row["question"], row["answer"]
 
 
 def row_text(row: dict, where: str = "row") -> str:
@@ -78,7 +95,7 @@ def row_text(row: dict, where: str = "row") -> str:
         return "\n".join(m["content"] for m in row["messages"])
     if "prompt" in row and "completion" in row:
         return f"{row['prompt']} {row['completion']}"
-    if {"question", "options", "answer_index"} <= set(row):
+    if {"question", "options", "answer_index"} <= set(row) or isinstance(row.get("answer"), str):
         q, a = _qa(row)
         return f"Question: {q}\nAnswer: {a}"
     raise ValueError(f"{where}: no 'text', 'messages', 'prompt'/'completion' or MMLU-Pro fields; keys {sorted(row)}")
@@ -90,7 +107,7 @@ def row_messages(row: dict, where: str = "row") -> list[dict]:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     if "prompt" in row and "completion" in row:
         return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
-    if {"question", "options", "answer_index"} <= set(row):
+    if {"question", "options", "answer_index"} <= set(row) or isinstance(row.get("answer"), str):
         q, a = _qa(row)
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     raise ValueError(f"{where}: no 'messages', 'prompt'/'completion' or MMLU-Pro fields for fine-tuning; keys {sorted(row)}")
@@ -106,19 +123,24 @@ def _take(items: list, n: int | None, seed: int, where: str) -> list:
     return [items[i] for i in order[:n]]
 
 
-def _hub_texts(source: str, n: int | None, seed: int) -> list[str]:
+def _hub_rows(source, n: int | None, seed: int, split: str | None = None) -> list[dict]:
+    """n rows streamed (shuffled with a buffer) from a hub dataset; needs a network."""
     if n is None:
-        raise ValueError(f"source {source!r} is streamed from the hub: pass n (how many texts)")
-    repo, kw, field = HUB[source]
+        raise ValueError(f"source {source!r} is streamed from the hub: pass n (how many rows)")
+    repo, kw = hub_id(source)
+    kw.setdefault("split", split or "train")
     try:
         from datasets import load_dataset
 
         ds = load_dataset(repo, streaming=True, **kw).shuffle(seed=seed, buffer_size=10_000)
         out = []
         for row in ds:
-            t = row[field].strip()
-            if t and not (source == "wikitext" and t.startswith("=")):  # wikitext headings
-                out.append(t)
+            if isinstance(row.get("text"), str):
+                t = row["text"].strip()
+                if not t or (repo.endswith("wikitext") and t.startswith("=")):  # blank lines, wikitext headings
+                    continue
+                row = {**row, "text": t}
+            out.append(row)
             if len(out) == n:
                 break
         return out
@@ -137,9 +159,9 @@ def load_texts(source, n: int | None = None, *, world=DEFAULT_WORLD, seed: int =
     if source == "toy":
         path = _toy_file(world, "calib/calib.jsonl")
         return _take([row_text(r, str(path)) for r in read_rows(path)], n, seed, str(path))
-    if str(source) in HUB:
-        return _hub_texts(str(source), n, seed)
     path = _local(source)
+    if path is None and hub_id(source):
+        return [row_text(r, f"{source} row {k}") for k, r in enumerate(_hub_rows(source, n, seed))]
     if path is None:
         raise _unknown(source)
     rows = read_rows(path)
@@ -149,7 +171,8 @@ def load_texts(source, n: int | None = None, *, world=DEFAULT_WORLD, seed: int =
 def load_sft(source, n: int | None = None, *, world=DEFAULT_WORLD, seed: int = 0, split: str = "train"):
     """A datasets.Dataset with one "messages" column (user, assistant) for LoRA fine-tuning.
 
-    "toy" reads the world's finetune/{split}.jsonl (split "train" or "eval").
+    "toy" reads the world's finetune/{split}.jsonl (split "train" or "eval"); a hub id streams n rows
+    of its "train" split (or "test" for split="eval").
     """
     from datasets import Dataset
 
@@ -161,6 +184,9 @@ def load_sft(source, n: int | None = None, *, world=DEFAULT_WORLD, seed: int = 0
         raise ValueError(f"source {source!r} holds plain text, not chat rows; use load_texts for it")
     else:
         path = _local(source)
+        if path is None and hub_id(source):
+            rows = _hub_rows(source, n, seed, split={"eval": "test"}.get(split, split))
+            return Dataset.from_list([{"messages": row_messages(r, f"{source} row {k}")} for k, r in enumerate(rows)])
         if path is None:
             raise _unknown(source)
     rows = read_rows(path)

@@ -43,7 +43,8 @@ FULL = {
                 "train": {"steps": 900, "batch": 32, "lr": 3e-3}, "n_shards": 4},
     "mixtral": {"config": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96,
                            "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
-                "train": {"steps": 900, "batch": 32, "lr": 3e-3}, "n_shards": 4},
+                "dense_train": {"steps": 500, "batch": 32, "lr": 3e-3}, "upcycle_noise": 0.05,
+                "train": {"steps": 600, "batch": 32, "lr": 2e-3}, "n_shards": 4},
     "eval_batch": 64,
 }
 QUICK = {
@@ -51,7 +52,7 @@ QUICK = {
     "tokenizer": {"vocab_size": 400},
     "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 12, "batch": 16}},
     "mixtral": {"config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
-                "train": {"steps": 12, "batch": 16}},
+                "dense_train": {"steps": 8, "batch": 16}, "train": {"steps": 8, "batch": 16}},
 }
 BASE_CONFIG = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -116,6 +117,42 @@ def model_config(kind: str, spec: dict, vocab_size: int):
     if kind == "mixtral":
         kw["output_router_logits"] = False  # set per forward while training: the saved model behaves as the hub one
     return AutoConfig.for_model(kind, **kw)
+
+
+def dense_twin(moe_config):
+    """The Mistral config whose MLP a Mixtral of `moe_config` is upcycled from (same attention, RoPE, sizes)."""
+    from transformers import AutoConfig
+
+    skip = {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
+            "router_jitter_noise", "model_type", "architectures", "transformers_version"}
+    kw = {k: v for k, v in moe_config.to_dict().items() if k not in skip}
+    return AutoConfig.for_model("mistral", **kw)
+
+
+@torch.no_grad()
+def upcycle(dense, moe_config, noise: float, seed: int):
+    """A Mixtral whose every expert starts as the dense model's MLP plus `noise` x (that tensor's std).
+
+    Sparse upcycling (as Mixtral is believed to descend from Mistral): experts begin near-identical and
+    drift apart by what the router sends them, so their distances and loads carry information.
+    """
+    from transformers import AutoModelForCausalLM
+
+    moe = AutoModelForCausalLM.from_config(moe_config, dtype=torch.float32)
+    src = dense.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    for name, p in moe.state_dict().items():
+        if name in src:
+            p.copy_(src[name])
+    for li, layer in enumerate(moe.model.layers):
+        mlp = f"model.layers.{li}.mlp."
+        gate_up = torch.cat([src[mlp + "gate_proj.weight"], src[mlp + "up_proj.weight"]])  # [2I, H], w1 rows first
+        down = src[mlp + "down_proj.weight"]  # [H, I]
+        ex = layer.mlp.experts
+        for e in range(ex.gate_up_proj.shape[0]):
+            ex.gate_up_proj[e] = gate_up + noise * gate_up.std() * torch.randn(gate_up.shape, generator=g)
+            ex.down_proj[e] = down + noise * down.std() * torch.randn(down.shape, generator=g)
+    return moe.eval()
 
 
 def encode_pairs(tok, rows: list[dict], chat_fraction: float, seed: int) -> list[tuple[list[int], int]]:
@@ -340,16 +377,28 @@ def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
 
 
 def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) -> tuple[object, dict]:
+    """Pretrain one model and save it under out/kind; Mixtral is upcycled from a dense twin first."""
     from transformers import AutoModelForCausalLM
 
+    cfg = model_config(kind, spec, len(tok))
+    sp = spec[kind]
     torch.manual_seed(seed + (1 if kind == "mixtral" else 2))
-    model = AutoModelForCausalLM.from_config(model_config(kind, spec, len(tok)), dtype=torch.float32)
     t = time.perf_counter()
-    losses = pretrain(model, train_seqs, seed=seed, pad_id=tok.pad_token_id, desc=f"pretrain {kind}", **spec[kind]["train"])
-    info = {"params": sum(p.numel() for p in model.parameters()), "train_s": round(time.perf_counter() - t, 1),
-            "loss_first": round(sum(losses[:10]) / len(losses[:10]), 4),
-            "loss_last": round(sum(losses[-20:]) / len(losses[-20:]), 4)}
-    save_model(model, tok, out / kind, spec[kind]["n_shards"])
+    info: dict = {}
+    if kind == "mixtral":
+        dense = AutoModelForCausalLM.from_config(dense_twin(cfg), dtype=torch.float32)
+        losses = pretrain(dense, train_seqs, seed=seed, pad_id=tok.pad_token_id, desc="pretrain mixtral (dense)",
+                          **sp["dense_train"])
+        info["dense_loss_last"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+        model = upcycle(dense, cfg, sp["upcycle_noise"], seed)
+        del dense
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    losses = pretrain(model, train_seqs, seed=seed + 1, pad_id=tok.pad_token_id, desc=f"pretrain {kind}", **sp["train"])
+    info.update(params=sum(p.numel() for p in model.parameters()), train_s=round(time.perf_counter() - t, 1),
+                loss_first=round(sum(losses[:10]) / len(losses[:10]), 4),
+                loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 4))
+    save_model(model, tok, out / kind, sp["n_shards"])
     return model, info
 
 

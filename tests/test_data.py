@@ -89,3 +89,21 @@ def test_more_than_available_warns_and_returns_all(world):
     n_all = len(data.load_texts("toy", world=world))
     with pytest.warns(UserWarning, match="asked for"):
         assert len(data.load_texts("toy", n_all + 5, world=world)) == n_all
+
+
+def test_hub_sources_parse_and_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.hub_id("openai/gsm8k") == ("openai/gsm8k", {"name": "main"})
+    assert data.hub_id("org/set:cfg") == ("org/set", {"name": "cfg"})
+    assert data.hub_id("c4")[0] == "allenai/c4"
+    assert data.hub_id("a/b.jsonl") is None and data.hub_id("plain") is None
+    with pytest.raises(ValueError, match="could not stream openai/gsm8k"):
+        data.load_sft("openai/gsm8k", 4)
+
+
+def test_question_answer_rows_become_chat(tmp_path):
+    p = _jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "It is 4.\n#### 4"}])
+    assert data.load_sft(p)["messages"] == [[{"role": "user", "content": "2+2?"},
+                                             {"role": "assistant", "content": "It is 4.\n#### 4"}]]
+    assert data.load_texts(p) == ["Question: 2+2?\nAnswer: It is 4.\n#### 4"]

@@ -179,3 +179,20 @@ def test_batched_cloze_scores_equal_one_by_one(world):
     swapped = [{**r, "options": r["options"][::-1], "answer_index": len(r["options"]) - 1 - r["answer_index"]} for r in rows]
     rev = toy.option_scores(model, tok, swapped, batch_size=64)
     assert torch.allclose(torch.tensor(sum([s[::-1] for s in rev], [])), torch.tensor(sum(batched, [])), atol=1e-4)
+
+
+def test_upcycled_mixtral_starts_as_its_dense_twin():
+    from transformers import AutoModelForCausalLM
+
+    cfg = toy.model_config("mixtral", toy.spec_for(quick=True), vocab_size=64)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(toy.dense_twin(cfg), dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        want = dense(ids).logits
+        # top-2 weights sum to one, so identical experts reproduce the dense MLP exactly
+        assert torch.allclose(toy.upcycle(dense, cfg, noise=0.0, seed=0)(ids).logits, want, atol=1e-5)
+        noisy = toy.upcycle(dense, cfg, noise=0.05, seed=0)
+        ex = noisy.model.layers[0].mlp.experts.down_proj  # [E, H, I]
+        assert (ex[0] - ex[1]).abs().max() > 0
+        assert not torch.allclose(noisy(ids).logits, want, atol=1e-5)
