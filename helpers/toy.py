@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import time
@@ -30,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers import toy_tasks as tasks
+from helpers.toy_train import (BASE_CONFIG, dense_twin, encode_pairs, model_config, pad, pretrain, save_model,
+                               upcycle)
 from helpers.fsutil import atomic_dir, read_json
 from helpers.manifest import FILENAME, Manifest
 
@@ -43,19 +44,17 @@ FULL = {
                 "train": {"steps": 900, "batch": 32, "lr": 3e-3}, "n_shards": 4},
     "mixtral": {"config": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96,
                            "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
-                "dense_train": {"steps": 500, "batch": 32, "lr": 3e-3}, "upcycle_noise": 0.05,
-                "train": {"steps": 600, "batch": 32, "lr": 2e-3}, "n_shards": 4},
+                "dense_train": {"steps": 600, "batch": 32, "lr": 3e-3}, "upcycle_noise": 0.05,
+                "train": {"steps": 800, "batch": 32, "lr": 2e-3}, "n_shards": 4},
     "eval_batch": 64,
 }
 QUICK = {
     "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
     "tokenizer": {"vocab_size": 400},
-    "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 12, "batch": 16}},
+    "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 6, "batch": 8}},
     "mixtral": {"config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
-                "dense_train": {"steps": 8, "batch": 16}, "train": {"steps": 8, "batch": 16}},
+                "dense_train": {"steps": 4, "batch": 8}, "train": {"steps": 6, "batch": 8}},
 }
-BASE_CONFIG = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
@@ -82,10 +81,6 @@ def spec_hash(spec: dict) -> str:
 
 # ---- tokenizer ----
 
-def chat_text(question: str, answer: str) -> str:
-    return f"<s>[INST] {question} [/INST] {answer}</s>"
-
-
 def train_tokenizer(texts: list[str], vocab_size: int, out=None):
     """Byte-level BPE (digits split one by one, as Mistral does), BOS added, Mistral-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -106,138 +101,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out=None):
     if out is not None:
         fast.save_pretrained(out)
     return fast
-
-
-# ---- models ----
-
-def model_config(kind: str, spec: dict, vocab_size: int):
-    from transformers import AutoConfig
-
-    kw = dict(BASE_CONFIG, vocab_size=vocab_size, **spec[kind]["config"])
-    if kind == "mixtral":
-        kw["output_router_logits"] = False  # set per forward while training: the saved model behaves as the hub one
-    return AutoConfig.for_model(kind, **kw)
-
-
-def dense_twin(moe_config):
-    """The Mistral config whose MLP a Mixtral of `moe_config` is upcycled from (same attention, RoPE, sizes)."""
-    from transformers import AutoConfig
-
-    skip = {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
-            "router_jitter_noise", "model_type", "architectures", "transformers_version"}
-    kw = {k: v for k, v in moe_config.to_dict().items() if k not in skip}
-    return AutoConfig.for_model("mistral", **kw)
-
-
-@torch.no_grad()
-def upcycle(dense, moe_config, noise: float, seed: int):
-    """A Mixtral whose every expert starts as the dense model's MLP plus `noise` x (that tensor's std).
-
-    Sparse upcycling (as Mixtral is believed to descend from Mistral): experts begin near-identical and
-    drift apart by what the router sends them, so their distances and loads carry information.
-    """
-    from transformers import AutoModelForCausalLM
-
-    moe = AutoModelForCausalLM.from_config(moe_config, dtype=torch.float32)
-    src = dense.state_dict()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in moe.state_dict().items():
-        if name in src:
-            p.copy_(src[name])
-    for li, layer in enumerate(moe.model.layers):
-        mlp = f"model.layers.{li}.mlp."
-        gate_up = torch.cat([src[mlp + "gate_proj.weight"], src[mlp + "up_proj.weight"]])  # [2I, H], w1 rows first
-        down = src[mlp + "down_proj.weight"]  # [H, I]
-        ex = layer.mlp.experts
-        for e in range(ex.gate_up_proj.shape[0]):
-            ex.gate_up_proj[e] = gate_up + noise * gate_up.std() * torch.randn(gate_up.shape, generator=g)
-            ex.down_proj[e] = down + noise * down.std() * torch.randn(down.shape, generator=g)
-    return moe.eval()
-
-
-def encode_pairs(tok, rows: list[dict], chat_fraction: float, seed: int) -> list[tuple[list[int], int]]:
-    """(token ids, answer length) per row: plain cloze form, or (a seeded fraction) chat form.
-
-    The answer is tokenized on its own (" " + text, then EOS), exactly as the cloze scorer does.
-    """
-    rng = random.Random(f"toy-chat-{seed}")
-    chat = [rng.random() < chat_fraction for _ in rows]
-    prompts = [f"<s>[INST] {r['question']} [/INST]" if c else tasks.cloze_prompt(r["question"]) for r, c in zip(rows, chat)]
-    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-    a_ids = tok([" " + tasks.answer_text(r) for r in rows], add_special_tokens=False)["input_ids"]
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    return [((p if c else [bos, *p]) + a + [eos], len(a) + 1) for p, a, c in zip(p_ids, a_ids, chat)]
-
-
-def _batches(seqs: list, batch: int, steps: int, seed: int):
-    """Random batches, length-bucketed within groups of 16 batches so padding stays small."""
-    g = random.Random(f"toy-batches-{seed}")
-    out: list[list[int]] = []
-    while len(out) < steps:
-        idx = [g.randrange(len(seqs)) for _ in range(16 * batch)]
-        idx.sort(key=lambda i: len(seqs[i][0]))
-        group = [idx[k:k + batch] for k in range(0, len(idx), batch)]
-        g.shuffle(group)
-        out += group
-    return out[:steps]
-
-
-def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and attention mask [B, T]."""
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
-def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, each target token weighted (0 on padding)."""
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    w = weights[:, 1:].flatten()
-    return (ce * w).sum() / w.sum()
-
-
-def pretrain(model, seqs: list[tuple[list[int], int]], *, steps: int, batch: int, lr: float, seed: int, pad_id: int,
-             question_weight: float = 0.25, desc: str = "pretrain") -> list[float]:
-    """Plain-torch causal LM training (AdamW, warmup + cosine); Mixtral adds its load-balancing loss.
-
-    Question tokens count `question_weight` as much as answer tokens: the model still models the
-    whole text (calibration statistics stay meaningful) but spends its few steps on the answers.
-    """
-    torch.manual_seed(seed)
-    model.train()
-    cfg = model.config
-    is_moe = getattr(cfg, "num_local_experts", 0) > 1
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    losses = []
-    bar = tqdm(_batches(seqs, batch, steps, seed), desc=desc, leave=False)
-    for idx in bar:
-        chunk = [seqs[i] for i in idx]
-        ids, mask = pad([s for s, _ in chunk], pad_id)
-        w = mask.float() * question_weight
-        for b, (s, n_ans) in enumerate(chunk):
-            w[b, len(s) - n_ans:len(s)] = 1.0
-        # right padding: real tokens never attend to later pads, so no mask is needed (faster path)
-        out = model(input_ids=ids, **({"output_router_logits": True} if is_moe else {}))
-        loss = weighted_lm_loss(out.logits, ids, w)
-        if is_moe:
-            loss = loss + cfg.router_aux_loss_coef * out.aux_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if len(losses) % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}")
-    model.eval()
-    return losses
 
 
 # ---- scoring ----
@@ -288,6 +151,14 @@ def chance(rows: list[dict]) -> dict:
     return {"overall": round(sum(allv) / len(allv), 4), "per_category": {c: round(sum(v) / len(v), 4) for c, v in per.items()}}
 
 
+def headroom(acc: dict, ch: dict) -> dict:
+    """The world's accuracy targets for one model: >= 2x chance overall, < 90% overall, and the
+    categories between 2x chance and 80% (where pruning damage and healing can show)."""
+    mid = [c for c, a in acc["per_category"].items() if 2 * ch["per_category"][c] <= a <= 0.8]
+    return {"above_2x_chance": acc["overall"] >= 2 * ch["overall"], "below_90": acc["overall"] < 0.9,
+            "headroom_categories": mid, "ok": acc["overall"] >= 2 * ch["overall"] and acc["overall"] < 0.9 and len(mid) >= 2}
+
+
 @torch.no_grad()
 def expert_stats(model, tok, texts: list[str]) -> dict:
     """Per layer: pairwise relative weight distance between experts, and router top-k frequency on `texts`."""
@@ -318,14 +189,6 @@ def expert_stats(model, tok, texts: list[str]) -> dict:
                                         "uniform": round(1 / E, 4)}}
 
 
-def save_model(model, tok, out: Path, n_shards: int) -> Path:
-    """Several shards, legacy expert keys (save_pretrained default), tokenizer files beside the weights."""
-    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    model.save_pretrained(out, max_shard_size=max(1, math.ceil(total / n_shards) + 1))
-    tok.save_pretrained(out)
-    return out
-
-
 # ---- the build ----
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -354,7 +217,8 @@ def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
     d = spec["data"]
     splits = tasks.make_splits(seed, {"test": d["test"], "validation": d["validation"], "train": d["train"]},
                                n_countries=d["n_countries"],
-                               extra={"finetune": d["finetune"], "finetune_eval": d["finetune_eval"], "calib": d["calib"]})
+                               extra={"finetune": d["finetune"], "calib": d["calib"]},
+                               held_extra={"finetune_eval": d["finetune_eval"]})
     for s in ("test", "validation", "train"):
         tasks.write_parquet(splits[s], root / "mmlu_pro" / "data" / f"{s}-00000-of-00001.parquet")
     ft = set(d["finetune_categories"])
@@ -369,7 +233,7 @@ def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
 def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
     """Everything the models and notebooks will show the tokenizer: QA, chat and CoT prompt text."""
     texts = [tasks.qa_text(r["question"], tasks.answer_text(r)) for r in splits["train"]]
-    texts += [chat_text(r["question"], tasks.answer_text(r)) for r in splits["train"][::5]]
+    texts += [tasks.chat_prompt(r["question"]) + " " + tasks.answer_text(r) + "</s>" for r in splits["train"][::5]]
     texts += [r["cot_content"] + " Options: " + " ".join(f"{tasks.LETTERS[i]}. {o}" for i, o in enumerate(r["options"]))
               for r in splits["validation"]]
     texts += [HEADER.format(c) for c in tasks.CATEGORIES] * 20
@@ -402,13 +266,27 @@ def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) ->
     return model, info
 
 
+def pick_threads(quick: bool) -> int:
+    """2 threads on an idle 2-core box; 1 for --quick (matrices too small to share) or when the box is busy.
+
+    Measured here: with other jobs on both cores, 2 OpenMP threads made a training step 10-70x slower
+    than 1 (each parallel region waits for a descheduled sibling); 1 thread degrades gracefully.
+    """
+    n = os.cpu_count() or 1
+    if quick or n < 2:
+        return 1
+    return 1 if os.getloadavg()[0] > n - 0.5 else 2
+
+
 def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False,
                 threads: int | None = None) -> Path:
     """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`.
 
-    Threads: 2 (this project's CPU box) or 1 for --quick, whose matrices are too small to share.
+    Threads: see `pick_threads`; the models (not the data or tokenizer) may differ in the last bits
+    between thread counts.
     """
-    torch.set_num_threads(threads or (1 if quick else min(2, os.cpu_count() or 1)))
+    threads = threads or pick_threads(quick)
+    torch.set_num_threads(threads)
     out = Path(out)
     spec = spec_for(quick)
     if not force and cached(out, spec, seed):
@@ -432,8 +310,9 @@ def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, for
             if kind == "mixtral":
                 m.metric("experts", expert_stats(model, tok, calib))
             del model
-        m.metrics(accuracy={"cloze": acc}, chance=chance(splits["test"]), models=models,
-                  sizes={s: len(v) for s, v in splits.items()}, tokenizer_vocab=len(tok))
+        ch = chance(splits["test"])
+        m.metrics(accuracy={"cloze": acc}, chance=ch, targets={k: headroom(a, ch) for k, a in acc.items()},
+                  models=models, threads=threads, sizes={s: len(v) for s, v in splits.items()}, tokenizer_vocab=len(tok))
         for name, rel in (("mixtral", "mixtral"), ("mistral", "mistral"), ("mmlu_pro", "mmlu_pro"),
                           ("finetune", "finetune"), ("calib", "calib"), ("tokenizer", "tokenizer")):
             m.output(name, tmp / rel)
@@ -451,6 +330,9 @@ def summary(out) -> str:
         lines.append(f"{c:<14}{ch['per_category'][c]:>8.2f}{acc['mistral']['per_category'][c]:>9.2f}"
                      f"{acc['mixtral']['per_category'][c]:>9.2f}")
     lines.append(f"{'overall':<14}{ch['overall']:>8.2f}{acc['mistral']['overall']:>9.2f}{acc['mixtral']['overall']:>9.2f}")
+    for kind, t in m.get("targets", {}).items():
+        lines.append(f"{kind}: {'meets' if t['ok'] else 'MISSES'} the targets (>= 2x chance, < 90%, >= 2 categories "
+                     f"between 2x chance and 80%: {', '.join(t['headroom_categories']) or 'none'})")
     return "\n".join(lines)
 
 

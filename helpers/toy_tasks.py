@@ -213,21 +213,24 @@ def _gen(category: str, split: str, n: int, seed: int, world: dict, exclude: set
 
 
 def make_splits(seed: int, sizes: dict[str, int], n_countries: int = 100, extra: dict[str, int] | None = None,
-                ) -> dict[str, list[dict]]:
-    """Rows per split ("test", "validation", "train", plus `extra` splits drawn like train).
+                held_extra: dict[str, int] | None = None) -> dict[str, list[dict]]:
+    """Rows per split: "test", "validation", "train", `held_extra` splits (drawn like validation, held
+    out like it) and `extra` splits (drawn like train). Counts are per category.
 
-    Test and validation questions are distinct and never appear in train or the extra splits.
+    Test, validation and `held_extra` questions are distinct and never appear in train or `extra`.
     """
     world = make_world(seed, n_countries)
-    splits: dict[str, list[dict]] = {s: [] for s in ("test", "validation", "train", *(extra or {}))}
-    counts = {**sizes, **(extra or {})}
+    held_splits = ("test", "validation", *(held_extra or {}))
+    free_splits = ("train", *(extra or {}))
+    splits: dict[str, list[dict]] = {s: [] for s in (*held_splits, *free_splits)}
+    counts = {**sizes, **(extra or {}), **(held_extra or {})}
     for cat in CATEGORIES:
         held: set = set()
-        for split in ("test", "validation"):
+        for split in held_splits:
             items = _gen(cat, split, counts[split], seed, world, held, unique=True)
             held |= {it.key for it in items}
             splits[split] += [(cat, it) for it in items]
-        for split in ("train", *(extra or {})):
+        for split in free_splits:
             splits[split] += [(cat, it) for it in _gen(cat, split, counts[split], seed, world, held, unique=False)]
     return {s: [_row(it, SPLIT_ID_BASE.get(s, 300_000) + k, cat) for k, (cat, it) in enumerate(items)]
             for s, items in splits.items()}
@@ -240,6 +243,11 @@ def qa_text(question: str, answer: str) -> str:
 
 def cloze_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
+
+
+def chat_prompt(question: str) -> str:
+    """The question as the chat template renders a user turn (the answer follows after a space)."""
+    return f"<s>[INST] {question} [/INST]"
 
 
 def answer_text(row: dict) -> str:

@@ -110,7 +110,7 @@ def test_quick_world_loads_offline(world, monkeypatch):
         assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
         chat = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
                                        tokenize=False)
-        assert chat == "<s>[INST] hi [/INST] yo</s>"
+        assert chat == "<s>[INST] hi [/INST] yo</s>" == toy_tasks.chat_prompt("hi") + " yo</s>"  # as pretrained
     cfg = json.loads((world / "mixtral" / "config.json").read_text())
     assert (cfg["num_local_experts"], cfg["num_experts_per_tok"]) == (8, 2)
     assert json.loads((world / "mistral" / "config.json").read_text())["num_hidden_layers"] == 16
@@ -139,6 +139,8 @@ def test_finetune_set_is_a_subset_of_categories(world):
     cats = {r["category"] for r in test if r["question"] in ft_questions}
     assert rows and cats and cats <= set(spec["data"]["finetune_categories"])
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    ev = [json.loads(x) for x in (world / "finetune" / "eval.jsonl").read_text().splitlines()]
+    assert ev and not {r["messages"][0]["content"] for r in ev} & ft_questions  # eval held out from training
 
 
 def test_cache_is_a_noop_and_seed_or_spec_change_rebuilds(world, monkeypatch):
