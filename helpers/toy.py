@@ -12,7 +12,11 @@ Layout under the world directory (manifest output names in quotes):
   manifest.json                 spec hash + seed (the cache key), per-category cloze accuracy, expert spread
 
 Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences (plus some in the
-chat format); tiny models do not learn to bind letters, so the headline score is cloze.
+chat format); tiny models do not learn to bind letters, so the headline score is cloze: the option
+whose " <text>" is most likely after "Question: {question}\nAnswer:" (see `cloze_accuracy`).
+The Mixtral is upcycled from a dense twin (experts start as noisy copies of one trained MLP) and
+trained on with a load-balancing loss, so experts differ by what they were routed. The cache key
+is the spec hash plus the seed: bump SPEC_VERSION when a generator or the training changes.
 """
 
 from __future__ import annotations
@@ -29,17 +33,20 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers import toy_tasks as tasks
-from helpers.toy_train import (BASE_CONFIG, dense_twin, encode_pairs, model_config, pad, pretrain, save_model,
-                               upcycle)
 from helpers.fsutil import atomic_dir, read_json
 from helpers.manifest import FILENAME, Manifest
+from helpers.toy_train import (BASE_CONFIG, dense_twin, encode_pairs, model_config, pad, pretrain, save_model,
+                               upcycle)
 
 SPEC_VERSION = 1  # bump when generators or training change what a seed builds
 FULL = {
     "version": SPEC_VERSION,
     "data": {"test": 100, "validation": 5, "train": 1500, "finetune": 600, "finetune_eval": 40, "calib": 48,
              "n_countries": 100, "finetune_categories": ["addition", "sequences"]},
-    "tokenizer": {"vocab_size": 768, "chat_fraction": 0.2},
+    "tokenizer": {"vocab_size": 768},
+    # a fifth of the training rows in the chat format (notebook 01 fine-tunes through the chat template);
+    # question tokens weigh a quarter of answer tokens in the loss
+    "pretrain": {"chat_fraction": 0.2, "question_weight": 0.25},
     "mistral": {"config": {"num_hidden_layers": 16, "hidden_size": 64, "intermediate_size": 192},
                 "train": {"steps": 900, "batch": 32, "lr": 3e-3}, "n_shards": 4},
     "mixtral": {"config": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96,
@@ -222,11 +229,16 @@ def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
     for s in ("test", "validation", "train"):
         tasks.write_parquet(splits[s], root / "mmlu_pro" / "data" / f"{s}-00000-of-00001.parquet")
     ft = set(d["finetune_categories"])
-    _write_jsonl(root / "finetune" / "train.jsonl", [_sft_row(r) for r in splits["finetune"] if r["category"] in ft])
-    _write_jsonl(root / "finetune" / "eval.jsonl", [_sft_row(r) for r in splits["finetune_eval"] if r["category"] in ft])
-    calib = splits["calib"]
-    random.Random(f"toy-calib-{seed}").shuffle(calib)  # interleave categories so any prefix covers them all
-    _write_jsonl(root / "calib" / "calib.jsonl", [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in calib])
+
+    def mixed(name: str, keep=lambda r: True) -> list[dict]:  # categories interleaved: any prefix covers them all
+        rows = [r for r in splits[name] if keep(r)]
+        random.Random(f"toy-{name}-{seed}").shuffle(rows)
+        return rows
+
+    _write_jsonl(root / "finetune" / "train.jsonl", [_sft_row(r) for r in mixed("finetune", lambda r: r["category"] in ft)])
+    _write_jsonl(root / "finetune" / "eval.jsonl", [_sft_row(r) for r in mixed("finetune_eval", lambda r: r["category"] in ft)])
+    _write_jsonl(root / "calib" / "calib.jsonl",
+                 [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in mixed("calib")])
     return splits
 
 
@@ -245,20 +257,21 @@ def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) ->
     from transformers import AutoModelForCausalLM
 
     cfg = model_config(kind, spec, len(tok))
-    sp = spec[kind]
+    sp, qw = spec[kind], spec["pretrain"]["question_weight"]
     torch.manual_seed(seed + (1 if kind == "mixtral" else 2))
     t = time.perf_counter()
     info: dict = {}
     if kind == "mixtral":
         dense = AutoModelForCausalLM.from_config(dense_twin(cfg), dtype=torch.float32)
         losses = pretrain(dense, train_seqs, seed=seed, pad_id=tok.pad_token_id, desc="pretrain mixtral (dense)",
-                          **sp["dense_train"])
+                          question_weight=qw, **sp["dense_train"])
         info["dense_loss_last"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
         model = upcycle(dense, cfg, sp["upcycle_noise"], seed)
         del dense
     else:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    losses = pretrain(model, train_seqs, seed=seed + 1, pad_id=tok.pad_token_id, desc=f"pretrain {kind}", **sp["train"])
+    losses = pretrain(model, train_seqs, seed=seed + 1, pad_id=tok.pad_token_id, desc=f"pretrain {kind}",
+                      question_weight=qw, **sp["train"])
     info.update(params=sum(p.numel() for p in model.parameters()), train_s=round(time.perf_counter() - t, 1),
                 loss_first=round(sum(losses[:10]) / len(losses[:10]), 4),
                 loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 4))
@@ -298,7 +311,7 @@ def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, for
             splits = write_data(tmp, spec, seed)
         with m.timer("tokenizer"):
             tok = train_tokenizer(tokenizer_corpus(splits), spec["tokenizer"]["vocab_size"], tmp / "tokenizer")
-            seqs = encode_pairs(tok, splits["train"], spec["tokenizer"]["chat_fraction"], seed)
+            seqs = encode_pairs(tok, splits["train"], spec["pretrain"]["chat_fraction"], seed)
         calib = [json.loads(x)["text"] for x in (tmp / "calib" / "calib.jsonl").read_text().splitlines()]
         acc, models = {}, {}
         for kind in ("mistral", "mixtral"):
