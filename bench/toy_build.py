@@ -18,7 +18,7 @@ from helpers.manifest import load
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="default: toy.pick_threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (build_world's default: 1)")
     a = ap.parse_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -279,26 +278,15 @@ def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) ->
     return model, info
 
 
-def pick_threads(quick: bool) -> int:
-    """2 threads on an idle 2-core box; 1 for --quick (matrices too small to share) or when the box is busy.
-
-    Measured here: with other jobs on both cores, 2 OpenMP threads made a training step 10-70x slower
-    than 1 (each parallel region waits for a descheduled sibling); 1 thread degrades gracefully.
-    """
-    n = os.cpu_count() or 1
-    if quick or n < 2:
-        return 1
-    return 1 if os.getloadavg()[0] > n - 0.5 else 2
-
-
 def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False,
-                threads: int | None = None) -> Path:
+                threads: int = 1) -> Path:
     """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`.
 
-    Threads: see `pick_threads`; the models (not the data or tokenizer) may differ in the last bits
-    between thread counts.
+    One thread by default, measured on a shared 2-core box: these matrices are small, and when
+    anything else runs two OpenMP threads wait on each other (training steps 10-70x slower; a full
+    build took 11.5 min with two threads, 4 min with one). A fixed thread count also keeps the
+    trained weights the same from run to run.
     """
-    threads = threads or pick_threads(quick)
     torch.set_num_threads(threads)
     out = Path(out)
     spec = spec_for(quick)

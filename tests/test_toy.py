@@ -119,6 +119,14 @@ def test_quick_world_loads_offline(world, monkeypatch):
     assert not any("gate_up_proj" in k for k in keys)
 
 
+def test_same_seed_gives_identical_models(world, tmp_path):
+    again = toy.build_world(tmp_path / "world", quick=True, seed=0)
+    for kind in ("mixtral", "mistral", "tokenizer", "mmlu_pro", "finetune", "calib"):
+        assert _files(again / kind) == _files(world / kind), kind
+    a, b = load_manifest(world)["metrics"], load_manifest(again)["metrics"]
+    assert a["accuracy"] == b["accuracy"] and a["experts"] == b["experts"]
+
+
 def test_manifest_records_accuracy_and_experts(world):
     m = load_manifest(world)["metrics"]
     cats = set(toy_tasks.CATEGORIES)
