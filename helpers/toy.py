@@ -1,0 +1,348 @@
+"""The toy world: an MMLU-Pro-style question set, a trained tokenizer, and a tiny Mixtral and Mistral
+pretrained on it on CPU, so every notebook tells its story without a GPU or a network.
+
+Usage: `world = build_world("runs/toy/world", seed=0)` or `python -m helpers toy build [--quick]`
+
+Layout under the world directory (manifest output names in quotes):
+  mmlu_pro/data/{test,validation,train}-00000-of-00001.parquet   "mmlu_pro" (hub layout)
+  tokenizer/                                                     "tokenizer"
+  mixtral/, mistral/   HF checkpoints, several shards, legacy expert keys, tokenizer inside  "mixtral", "mistral"
+  finetune/{train,eval}.jsonl   chat rows from a subset of categories (domain shift)        "finetune"
+  calib/calib.jsonl             {"text"} rows across all categories                       "calib"
+  manifest.json                 spec hash + seed (the cache key), per-category cloze accuracy, expert spread
+
+Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences (plus some in the
+chat format); tiny models do not learn to bind letters, so the headline score is cloze: the option
+whose " <text>" is most likely after "Question: {question}\nAnswer:" (see `cloze_accuracy`).
+The Mixtral is upcycled from a dense twin (experts start as noisy copies of one trained MLP) and
+trained on with a load-balancing loss, so experts differ by what they were routed. The cache key
+is the spec hash plus the seed: bump SPEC_VERSION when a generator or the training changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from helpers import toy_tasks as tasks
+from helpers.fsutil import atomic_dir, read_json
+from helpers.manifest import FILENAME, Manifest
+from helpers.toy_train import (BASE_CONFIG, dense_twin, encode_pairs, model_config, pad, pretrain, save_model,
+                               upcycle)
+
+SPEC_VERSION = 1  # bump when generators or training change what a seed builds
+FULL = {
+    "version": SPEC_VERSION,
+    "data": {"test": 100, "validation": 5, "train": 1500, "finetune": 600, "finetune_eval": 40, "calib": 48,
+             "n_countries": 100, "finetune_categories": ["addition", "sequences"]},
+    "tokenizer": {"vocab_size": 768},
+    # a fifth of the training rows in the chat format (notebook 01 fine-tunes through the chat template);
+    # question tokens weigh a quarter of answer tokens in the loss
+    "pretrain": {"chat_fraction": 0.2, "question_weight": 0.25},
+    "mistral": {"config": {"num_hidden_layers": 16, "hidden_size": 64, "intermediate_size": 192},
+                "train": {"steps": 900, "batch": 32, "lr": 3e-3}, "n_shards": 4},
+    "mixtral": {"config": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96,
+                           "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
+                "dense_train": {"steps": 600, "batch": 32, "lr": 3e-3}, "upcycle_noise": 0.05,
+                "train": {"steps": 800, "batch": 32, "lr": 2e-3}, "n_shards": 4},
+    "eval_batch": 64,
+}
+QUICK = {
+    "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
+    "tokenizer": {"vocab_size": 400},
+    "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 6, "batch": 8}},
+    "mixtral": {"config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
+                "dense_train": {"steps": 4, "batch": 8}, "train": {"steps": 6, "batch": 8}},
+}
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+)
+HEADER = ("The following are multiple choice questions (with answers) about {}. Think step by step and then "
+          'finish your answer with "the answer is (X)" where X is the correct letter choice.')
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def spec_for(quick: bool) -> dict:
+    return _merge(FULL, QUICK) if quick else copy.deepcopy(FULL)
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- tokenizer ----
+
+def train_tokenizer(texts: list[str], vocab_size: int, out=None):
+    """Byte-level BPE (digits split one by one, as Mistral does), BOS added, Mistral-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", SPECIALS.index("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=BASE_CONFIG["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
+    if out is not None:
+        fast.save_pretrained(out)
+    return fast
+
+
+# ---- scoring ----
+
+@torch.no_grad()
+def option_scores(model, tok, rows: list[dict], batch_size: int = 64) -> list[list[float]]:
+    """Per row, per option: summed log-probability of " <option text>" after "Question: q\nAnswer:"."""
+    model.eval()
+    pairs = []  # (row index, option index, context ids, continuation ids)
+    ctx = tok([tasks.cloze_prompt(r["question"]) for r in rows])["input_ids"]
+    for i, r in enumerate(rows):
+        conts = tok([" " + o for o in r["options"]], add_special_tokens=False)["input_ids"]
+        pairs += [(i, j, ctx[i], c) for j, c in enumerate(conts)]
+    pairs.sort(key=lambda p: len(p[2]) + len(p[3]))  # similar lengths together: little padding
+    scores = [[0.0] * len(r["options"]) for r in rows]
+    for k in tqdm(range(0, len(pairs), batch_size), desc="cloze", leave=False):
+        chunk = pairs[k:k + batch_size]
+        ids, mask = pad([p[2] + p[3] for p in chunk], tok.pad_token_id)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # [B, T, V]
+        for b, (i, j, c, o) in enumerate(chunk):
+            pos = torch.arange(len(c) - 1, len(c) + len(o) - 1)  # positions that predict the option tokens
+            scores[i][j] = logp[b, pos, torch.tensor(o)].sum().item()
+    return scores
+
+
+def cloze_accuracy(model, tok, rows: list[dict], batch_size: int = 64) -> dict:
+    """Accuracy when the answer is the option whose TEXT is most likely after the question.
+
+    Summed log-probability of the option tokens (lm-eval's `acc`); returns
+    {"overall", "per_category": {cat: acc}, "n", "n_per_category"} (micro averages).
+    """
+    scores = option_scores(model, tok, rows, batch_size)
+    hits: dict[str, list[int]] = {}
+    for r, sc in zip(rows, scores):
+        hits.setdefault(r["category"], []).append(int(max(range(len(sc)), key=sc.__getitem__) == r["answer_index"]))
+    n = sum(len(h) for h in hits.values())
+    return {"overall": round(sum(sum(h) for h in hits.values()) / n, 4),
+            "per_category": {c: round(sum(h) / len(h), 4) for c, h in hits.items()},
+            "n": n, "n_per_category": {c: len(h) for c, h in hits.items()}}
+
+
+def chance(rows: list[dict]) -> dict:
+    """Expected accuracy of uniform guessing: overall and per category."""
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        per.setdefault(r["category"], []).append(1 / len(r["options"]))
+    allv = [v for vs in per.values() for v in vs]
+    return {"overall": round(sum(allv) / len(allv), 4), "per_category": {c: round(sum(v) / len(v), 4) for c, v in per.items()}}
+
+
+def headroom(acc: dict, ch: dict) -> dict:
+    """The world's accuracy targets for one model: >= 2x chance overall, < 90% overall, and the
+    categories between 2x chance and 80% (where pruning damage and healing can show)."""
+    mid = [c for c, a in acc["per_category"].items() if 2 * ch["per_category"][c] <= a <= 0.8]
+    return {"above_2x_chance": acc["overall"] >= 2 * ch["overall"], "below_90": acc["overall"] < 0.9,
+            "headroom_categories": mid, "ok": acc["overall"] >= 2 * ch["overall"] and acc["overall"] < 0.9 and len(mid) >= 2}
+
+
+@torch.no_grad()
+def expert_stats(model, tok, texts: list[str]) -> dict:
+    """Per layer: pairwise relative weight distance between experts, and router top-k frequency on `texts`."""
+    E, k = model.config.num_local_experts, model.config.num_experts_per_tok
+    dist, freq = [], []
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        flat = torch.cat([ex.gate_up_proj.flatten(1), ex.down_proj.flatten(1)], dim=1)  # [E, 3*I*H]
+        norms = flat.norm(dim=1)
+        d = torch.cdist(flat, flat) / ((norms[:, None] + norms[None, :]) / 2)
+        dist.append(d[~torch.eye(E, dtype=torch.bool)])
+    counts = torch.zeros(len(model.model.layers), E)
+    for s in range(0, len(texts), 32):
+        ids, mask = pad(tok(texts[s:s + 32])["input_ids"], tok.pad_token_id)
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        keep = mask.flatten().bool()
+        for li, rl in enumerate(out.router_logits):  # [B*T, E]
+            top = rl[keep].topk(k, dim=-1).indices
+            counts[li] += torch.bincount(top.flatten(), minlength=E).float()
+    f = counts / counts.sum(dim=1, keepdim=True)  # [L, E]
+    dists = torch.stack(dist)  # [L, E*(E-1)]
+    return {"pairwise_rel_distance": {"min": round(dists.min().item(), 4), "mean": round(dists.mean().item(), 4),
+                                      "max": round(dists.max().item(), 4),
+                                      "per_layer_mean": [round(x, 4) for x in dists.mean(1).tolist()]},
+            "router_frequency": [[round(x, 4) for x in row] for row in f.tolist()],
+            "router_frequency_spread": {"min": round(f.min().item(), 4), "max": round(f.max().item(), 4),
+                                        "std_per_layer": [round(x, 4) for x in f.std(1).tolist()],
+                                        "uniform": round(1 / E, 4)}}
+
+
+# ---- the build ----
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _sft_row(r: dict) -> dict:
+    return {"messages": [{"role": "user", "content": r["question"]},
+                         {"role": "assistant", "content": tasks.answer_text(r)}]}
+
+
+def cached(out, spec: dict, seed: int) -> bool:
+    """True when `out` holds a complete world built from this spec and seed."""
+    p = Path(out) / FILENAME
+    if not p.exists():
+        return False
+    m = read_json(p)
+    ok = m.get("step") == "toy" and m["params"].get("spec_hash") == spec_hash(spec) and m["params"].get("seed") == seed
+    return ok and all((Path(out) / name).exists() for name in m.get("outputs", {}))
+
+
+def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
+    """Parquet splits, finetune and calib jsonl under `root`; returns the rows by split."""
+    d = spec["data"]
+    splits = tasks.make_splits(seed, {"test": d["test"], "validation": d["validation"], "train": d["train"]},
+                               n_countries=d["n_countries"],
+                               extra={"finetune": d["finetune"], "calib": d["calib"]},
+                               held_extra={"finetune_eval": d["finetune_eval"]})
+    for s in ("test", "validation", "train"):
+        tasks.write_parquet(splits[s], root / "mmlu_pro" / "data" / f"{s}-00000-of-00001.parquet")
+    ft = set(d["finetune_categories"])
+
+    def mixed(name: str, keep=lambda r: True) -> list[dict]:  # categories interleaved: any prefix covers them all
+        rows = [r for r in splits[name] if keep(r)]
+        random.Random(f"toy-{name}-{seed}").shuffle(rows)
+        return rows
+
+    _write_jsonl(root / "finetune" / "train.jsonl", [_sft_row(r) for r in mixed("finetune", lambda r: r["category"] in ft)])
+    _write_jsonl(root / "finetune" / "eval.jsonl", [_sft_row(r) for r in mixed("finetune_eval", lambda r: r["category"] in ft)])
+    _write_jsonl(root / "calib" / "calib.jsonl",
+                 [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in mixed("calib")])
+    return splits
+
+
+def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
+    """Everything the models and notebooks will show the tokenizer: QA, chat and CoT prompt text."""
+    texts = [tasks.qa_text(r["question"], tasks.answer_text(r)) for r in splits["train"]]
+    texts += [tasks.chat_prompt(r["question"]) + " " + tasks.answer_text(r) + "</s>" for r in splits["train"][::5]]
+    texts += [r["cot_content"] + " Options: " + " ".join(f"{tasks.LETTERS[i]}. {o}" for i, o in enumerate(r["options"]))
+              for r in splits["validation"]]
+    texts += [HEADER.format(c) for c in tasks.CATEGORIES] * 20
+    return texts
+
+
+def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) -> tuple[object, dict]:
+    """Pretrain one model and save it under out/kind; Mixtral is upcycled from a dense twin first."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(kind, spec, len(tok))
+    sp, qw = spec[kind], spec["pretrain"]["question_weight"]
+    torch.manual_seed(seed + (1 if kind == "mixtral" else 2))
+    t = time.perf_counter()
+    info: dict = {}
+    if kind == "mixtral":
+        dense = AutoModelForCausalLM.from_config(dense_twin(cfg), dtype=torch.float32)
+        losses = pretrain(dense, train_seqs, seed=seed, pad_id=tok.pad_token_id, desc="pretrain mixtral (dense)",
+                          question_weight=qw, **sp["dense_train"])
+        info["dense_loss_last"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+        model = upcycle(dense, cfg, sp["upcycle_noise"], seed)
+        del dense
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    losses = pretrain(model, train_seqs, seed=seed + 1, pad_id=tok.pad_token_id, desc=f"pretrain {kind}",
+                      question_weight=qw, **sp["train"])
+    info.update(params=sum(p.numel() for p in model.parameters()), train_s=round(time.perf_counter() - t, 1),
+                loss_first=round(sum(losses[:10]) / len(losses[:10]), 4),
+                loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 4))
+    save_model(model, tok, out / kind, sp["n_shards"])
+    return model, info
+
+
+def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False,
+                threads: int = 1) -> Path:
+    """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`.
+
+    One thread by default, measured on a shared 2-core box: these matrices are small, and when
+    anything else runs two OpenMP threads wait on each other (training steps 10-70x slower; a full
+    build took 11.5 min with two threads, 4 min with one). A fixed thread count also keeps the
+    trained weights the same from run to run.
+    """
+    torch.set_num_threads(threads)
+    out = Path(out)
+    spec = spec_for(quick)
+    if not force and cached(out, spec, seed):
+        print(f"toy world at {out} is up to date (spec {spec_hash(spec)}, seed {seed}); --force rebuilds")
+        return out
+    m = Manifest("toy", {"seed": seed, "quick": quick, "spec_hash": spec_hash(spec), "spec": spec})
+    with atomic_dir(out, overwrite=True) as tmp:
+        with m.timer("data"):
+            splits = write_data(tmp, spec, seed)
+        with m.timer("tokenizer"):
+            tok = train_tokenizer(tokenizer_corpus(splits), spec["tokenizer"]["vocab_size"], tmp / "tokenizer")
+            seqs = encode_pairs(tok, splits["train"], spec["pretrain"]["chat_fraction"], seed)
+        calib = [json.loads(x)["text"] for x in (tmp / "calib" / "calib.jsonl").read_text().splitlines()]
+        acc, models = {}, {}
+        for kind in ("mistral", "mixtral"):
+            with m.timer(f"train_{kind}"):
+                model, info = build_model(kind, spec, tok, seqs, seed, tmp)
+            with m.timer(f"eval_{kind}"):
+                acc[kind] = cloze_accuracy(model, tok, splits["test"], spec["eval_batch"])
+            models[kind] = info
+            if kind == "mixtral":
+                m.metric("experts", expert_stats(model, tok, calib))
+            del model
+        ch = chance(splits["test"])
+        m.metrics(accuracy={"cloze": acc}, chance=ch, targets={k: headroom(a, ch) for k, a in acc.items()},
+                  models=models, threads=threads, sizes={s: len(v) for s, v in splits.items()}, tokenizer_vocab=len(tok))
+        for name, rel in (("mixtral", "mixtral"), ("mistral", "mistral"), ("mmlu_pro", "mmlu_pro"),
+                          ("finetune", "finetune"), ("calib", "calib"), ("tokenizer", "tokenizer")):
+            m.output(name, tmp / rel)
+            m.data["outputs"][name]["path"] = str(out / rel)  # where it lives once the temp dir is renamed
+        m.save(tmp)
+    return out
+
+
+def summary(out) -> str:
+    """A few lines: per-category cloze accuracy of both models beside chance."""
+    man = read_json(Path(out) / FILENAME)
+    m = man["metrics"]
+    acc, ch = m["accuracy"]["cloze"], m["chance"]
+    lines = [f"{'category':<14}{'chance':>8}{'mistral':>9}{'mixtral':>9}"]
+    for c in ch["per_category"]:
+        lines.append(f"{c:<14}{ch['per_category'][c]:>8.2f}{acc['mistral']['per_category'][c]:>9.2f}"
+                     f"{acc['mixtral']['per_category'][c]:>9.2f}")
+    lines.append(f"{'overall':<14}{ch['overall']:>8.2f}{acc['mistral']['overall']:>9.2f}{acc['mixtral']['overall']:>9.2f}")
+    if man["params"].get("quick"):
+        return "\n".join(lines + ["(--quick world: barely trained; the accuracy targets apply to the full build)"])
+    for kind, t in m.get("targets", {}).items():
+        lines.append(f"{kind}: {'meets' if t['ok'] else 'MISSES'} the targets (>= 2x chance, < 90%, >= 2 categories "
+                     f"between 2x chance and 80%: {', '.join(t['headroom_categories']) or 'none'})")
+    return "\n".join(lines)
+
+
+def cli_toy(args) -> int:
+    t = time.perf_counter()
+    out = build_world(args.out, quick=args.quick, seed=args.seed, force=args.force)
+    print(summary(out))
+    print(f"toy world: {out} ({time.perf_counter() - t:.1f} s)")
+    return 0
