@@ -18,11 +18,14 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 from helpers.fsutil import atomic_dir, file_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -213,15 +216,16 @@ class Checkpoint:
 class Entry:
     """One output tensor: its name, dtype, shape, target shard, and where its bytes come from.
 
-    Exactly one of `src` (a byte range of a source file, copied verbatim) and `make` (a function
-    returning the tensor, called when the writer reaches it) is set.
+    Exactly one of `src` (byte ranges of a source file, copied verbatim and concatenated: a
+    `(path, start, end)` or `(path, [(start, end), ...])`) and `make` (a function returning the
+    tensor, called when the writer reaches it) is set.
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     shard: str | None = None
-    src: tuple[Path, int, int] | None = None
+    src: tuple | None = None
     make: Callable[[], "torch.Tensor"] | None = None
 
     @property
@@ -247,6 +251,14 @@ def computed(name: str, like: TensorInfo | None, make: Callable[[], "torch.Tenso
     """An entry materialised by `make()` at write time; dtype/shape/shard default to `like`'s."""
     return Entry(name, dtype or like.dtype, tuple(shape if shape is not None else like.shape),
                  shard if shard is not None else (like.shard if like else None), make=make)
+
+
+def rows_of(ck: Checkpoint, name: str, rows: list[int], new_name: str | None = None) -> Entry:
+    """An entry holding rows `rows` (dim 0, in that order) of tensor `name`, gathered as byte ranges."""
+    i = ck.info(name)
+    row = i.nbytes // i.shape[0]  # bytes per row, row-major
+    ranges = [(i.start + r * row, i.start + (r + 1) * row) for r in rows]
+    return Entry(new_name or name, i.dtype, (len(rows), *i.shape[1:]), i.shard, src=(ck.path / i.shard, ranges))
 
 
 def passthrough(ck: Checkpoint) -> list[Entry]:
@@ -297,7 +309,9 @@ def _write_shard(path: Path, entries: list[Entry], metadata: dict, bar) -> None:
         for e in entries:
             if e.src is not None:
                 f.flush()
-                _copy_range(e.src[0], e.src[1], e.src[2], f)
+                ranges = e.src[1] if isinstance(e.src[1], list) else [e.src[1:]]
+                for start, end in ranges:
+                    _copy_range(e.src[0], start, end, f)
             else:
                 _write_tensor(e, f)
             bar.update(e.nbytes)

@@ -3,8 +3,9 @@
 The plan is `{"keep": {"<layer>": [sorted expert ids]}, ...}`. Applying it reads legacy or fused
 input and writes legacy names: kept experts are renumbered 0..k-1 in ascending original id, the
 router keeps their rows ([E, H] -> [k, H]) and `num_local_experts` becomes k. Every expert weight
-is copied as a byte range (a fused tensor's [e, rows] block is contiguous), so the prune reads only
-what it keeps; only the routers are materialised.
+is copied as a byte range (a fused tensor's [e, rows] block is contiguous) and each router as its
+kept rows' byte ranges, so the prune reads only what it keeps and never deserialises a tensor
+(torch is not even imported on the command-line path).
 
 Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/", layout="both")`
 """
@@ -15,10 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from helpers import arch
-from helpers.checkpoint import CheckpointError, Entry, compare, computed, copied, write_checkpoint
+from helpers.checkpoint import CheckpointError, Entry, compare, copied, rows_of, write_checkpoint
 from helpers.experts import ExpertView, check_fingerprint, fingerprint, local_dir, moe_family
 from helpers.fsutil import atomic_dir, read_json, write_json
 
@@ -135,9 +135,7 @@ def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
             if keep[l] == list(range(E)):
                 entries.append(copied(ck, name, out))
             else:
-                rows = keep[l]
-                entries.append(computed(out, ck.info(name), lambda n=name, r=rows: ck.get(n)[r].contiguous(),
-                                        shape=(len(rows), view.hidden)))  # [k, H]
+                entries.append(rows_of(ck, name, keep[l], out))  # [E, H] -> [k, H]
         elif m := arch.LEGACY_EXPERT_RE.match(name):
             l, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
             if e in keep[l]:
@@ -239,6 +237,8 @@ def masked_router(model, keep: dict):
 
     This is what the pruned model must compute; its logits are the identity check for a prune.
     """
+    import torch
+
     from helpers.expert_scores import moe_blocks
 
     keep = {int(l): v for l, v in keep.get("keep", keep).items()}
@@ -265,9 +265,9 @@ def masked_router(model, keep: dict):
             h.remove()
 
 
-@torch.no_grad()
-def logit_check(source, pruned, plan: dict, texts: list[str], dtype=torch.float32, **load_kw) -> dict:
+def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", **load_kw) -> dict:
     """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`."""
+    import torch
     from transformers import AutoTokenizer
 
     from helpers.checkpoint import load_check
@@ -278,9 +278,9 @@ def logit_check(source, pruned, plan: dict, texts: list[str], dtype=torch.float3
     worst, n = 0.0, 0
     for t in texts:
         enc = tok(t, return_tensors="pt").to(next(base.parameters()).device)
-        with masked_router(base, plan):
+        with masked_router(base, plan), torch.no_grad():
             ref = base(**enc).logits.float()
-        got = small(**enc).logits.float()
+            got = small(**enc).logits.float()
         worst = max(worst, float((got.to(ref.device) - ref).abs().max()))
         n += enc["input_ids"].numel()
     return {"max_abs_diff": worst, "n_tokens": n, "n_texts": len(texts)}

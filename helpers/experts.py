@@ -14,11 +14,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from helpers import arch
 from helpers.checkpoint import DTYPES, Checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 # Config keys that fix every tensor shape of a Mixtral; two checkpoints that agree on these hold
 # comparable experts (a fine-tuned model and its base do; a pruned one does not).

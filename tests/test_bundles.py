@@ -15,14 +15,6 @@ L, BLOCK = 8, "2-5"  # drops 2..5: B = [2, 3], C = [4, 5]; A keeps [0, 1, 6, 7]
 IDS = torch.tensor([[5, 9, 33, 100, 7, 20, 64, 3], [1, 250, 17, 17, 42, 8, 99, 300]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box run many times faster on one thread than on several."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def _random_base(out, model_type="mistral", seed=3, tokenizer=True):
     cfg = synth.tiny_config(model_type, num_hidden_layers=L)
     model = synth.random_model(cfg, seed=seed, std=0.2)  # wide init: skipping a layer changes the logits a lot

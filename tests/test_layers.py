@@ -23,14 +23,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box run many times faster on one thread than on several."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """8-layer random Mistral whose layers matter (wide init) and whose norms are not all ones."""

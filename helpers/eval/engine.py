@@ -199,10 +199,15 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 256, stop
 
 
 class _PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled; CPU runs)."""
+    """Peak resident memory of this process while the block runs (sampled; CPU runs).
+
+    `.growth` is the peak above the level at entry: what the block itself allocated, not the
+    models and data that happen to live in the same process (a notebook holds several).
+    """
 
     def __enter__(self):
-        self.peak, self._stop = self._rss(), threading.Event()
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
         self._t = threading.Thread(target=self._watch, daemon=True)
         self._t.start()
         return self
@@ -224,12 +229,17 @@ class _PeakRSS:
         self._t.join()
         self.peak = max(self.peak, self._rss())
 
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
 
 @torch.inference_mode()
 def measure_speed(model, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1,
                   vocab: int | None = None, seed: int = 0) -> dict:
     """Prefill tokens/s (one forward over random prompts), decode tokens/s (greedy with a KV cache
-    after that prefill) and peak memory (CUDA max allocated, or process peak RSS on CPU)."""
+    after that prefill) and peak memory: CUDA max allocated, or on CPU the weights' bytes plus the
+    peak RSS growth during the probe (activations and KV cache), comparable across variants."""
     model.eval()
     dev = model_device(model)
     vocab = vocab or model.config.vocab_size
@@ -238,6 +248,7 @@ def measure_speed(model, prompt_tokens: int = 128, new_tokens: int = 32, batch_s
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+    weights = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     with _PeakRSS() as rss:
@@ -257,8 +268,8 @@ def measure_speed(model, prompt_tokens: int = 128, new_tokens: int = 32, batch_s
     return {
         "prefill_tok_s": round(batch_size * prompt_tokens / t_prefill, 2),
         "decode_tok_s": round(batch_size * new_tokens / t_decode, 2),
-        "peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if cuda else int(rss.peak),
-        "memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if cuda else weights + int(rss.growth),
+        "memory_kind": "cuda_max_allocated" if cuda else "weights_plus_peak_rss_growth",
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch_size": batch_size,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
