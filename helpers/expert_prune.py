@@ -288,8 +288,6 @@ def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", *
 
 # ---- command line -----------------------------------------------------------------------------
 def cli_expert_prune(args) -> int:
-    from helpers.expert_scores import load_scores
-
     model = local_dir(args.model)
     config = arch.read_config(model)
     moe_family(config)
@@ -301,6 +299,7 @@ def cli_expert_prune(args) -> int:
     else:
         if not args.scores or args.keep is None:
             raise ValueError("give --plan PLAN.json, or --scores SCORES.json with --keep K")
+        from helpers.expert_scores import load_scores  # torch: only this path needs it
         plan = plan_expert_prune(config, scores=load_scores(args.scores), criterion=args.criterion, k=args.keep,
                                  scores_name=args.scores)
     rec = apply_expert_prune(model, plan, args.out, layout=args.layout, max_shard_size=args.max_shard_size,
