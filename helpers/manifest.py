@@ -69,6 +69,12 @@ class Manifest:
         self.data["inputs"][name] = describe(path, hash)
         return self
 
+    def inputs(self, paths: dict, hash: bool = True) -> "Manifest":
+        """Several inputs at once: {name: path}."""
+        for name, path in paths.items():
+            self.input(name, path, hash)
+        return self
+
     def output(self, name: str, path, hash: bool = True) -> "Manifest":
         self.data["outputs"][name] = describe(path, hash)
         return self
