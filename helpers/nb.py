@@ -42,10 +42,14 @@ def setup(seed: int = 0, quiet: bool = True) -> Path:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         for name in ("transformers", "datasets", "accelerate", "peft", "trl", "lighteval", "papermill", "bitsandbytes"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        try:
+        try:  # their per-file loading bars would drown ours
             from transformers.utils import logging as tlog
 
             tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+            import datasets
+
+            datasets.disable_progress_bars()
         except ImportError:
             pass
     return root

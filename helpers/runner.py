@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,28 @@ def kernel_name() -> str:
     return KERNEL if KERNEL in KernelSpecManager().find_kernel_specs() else "python3"
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def tidy_streams(nb_path: Path) -> None:
+    """Rewrite an executed notebook so each progress bar shows its final state only.
+
+    Text-mode tqdm leaves one stream output per refresh; like a terminal, keep what the last
+    carriage return left on each line, and drop cursor moves and lines left blank.
+    """
+    import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    nb = nbformat.read(str(nb_path), as_version=4)
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                lines = [ln.rsplit("\r", 1)[-1] for ln in _ESCAPES.sub("", out.text).split("\n")]
+                out.text = "\n".join(ln for ln in lines if ln.strip()) + "\n"
+    nbformat.write(nb, str(nb_path))
+
+
 def to_html(nb_path: Path) -> Path:
     from nbconvert import HTMLExporter
 
@@ -147,6 +170,7 @@ def run(preset: str = "toy", only: str | None = None, out: str | None = None, ov
                   f"partial notebook: {target}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         timings[nb.stem] = round(time.perf_counter() - t, 1)
+        tidy_streams(target)
         if html:
             to_html(target)
         print(f"[{i}/{len(plan)}] {nb.stem} done in {timings[nb.stem]:.0f} s -> {target}", flush=True)
