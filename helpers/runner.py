@@ -121,7 +121,9 @@ def tidy_streams(nb_path: Path) -> None:
         for out in cell.get("outputs", []):
             if out.output_type == "stream":
                 lines = [ln.rsplit("\r", 1)[-1] for ln in _ESCAPES.sub("", out.text).split("\n")]
-                out.text = "\n".join(ln for ln in lines if ln.strip()) + "\n"
+                out.text = "".join(ln + "\n" for ln in lines if ln.strip())
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if o.output_type != "stream" or o.text]
     nbformat.write(nb, str(nb_path))
 
 

@@ -46,6 +46,17 @@ def test_runs_selected_notebooks_with_preset_parameters(lab):
     assert set(json.loads((lab / "runs/demo/notebooks/run.json").read_text())["timings_s"]) == {"01_first", "02_second"}
 
 
+def test_progress_bars_keep_their_final_state_only(lab):
+    body = ("import sys\n"
+            "for i in range(50):\n"
+            "    sys.stderr.write(f'\\rbar: {i + 1}/50'); sys.stderr.flush()\n"
+            "sys.stderr.write('\\n\\x1b[A'); print('done')")
+    _notebook(lab / "notebooks/04_bars.ipynb", 'PRESET = "p"\nRUN_DIR = "r"', body)
+    (done,) = runner.run("demo", only="04", root=lab, html=False)
+    outs = json.loads(done.read_text())["cells"][-1]["outputs"]
+    assert [(o["name"], "".join(o["text"])) for o in outs] == [("stderr", "bar: 50/50\n"), ("stdout", "done\n")]
+
+
 def test_failing_cell_stops_with_error_and_partial_path(lab, capsys):
     with pytest.raises(SystemExit) as e:
         runner.run("demo", only="03", root=lab, html=False)
