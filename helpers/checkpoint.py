@@ -467,13 +467,15 @@ def own_memory(model):
 def load_check(path, dtype="float32", own: bool = True, **kwargs):
     """Load with AutoModelForCausalLM; raise naming any missing, unexpected or mismatched key.
 
+    `dtype`: a torch dtype, its name, or "auto" (the checkpoint's own dtype).
+
     `own=True` copies the weights into owned memory (see `own_memory`), so two loads of equal
     tensors give bit-equal logits whatever their on-disk layout.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True, **kwargs)
     if own:
         own_memory(model)

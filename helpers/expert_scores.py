@@ -2,7 +2,8 @@
 
 Scores are [L][E] lists, higher = more worth keeping. Fine-tuning deltas come two ways that must
 agree: streamed from two checkpoints (legacy or fused on either side), or straight from a peft
-LoRA adapter's factors, never forming B @ A: ||B A||_F^2 = trace((B^T B)(A A^T)), two r x r Grams.
+LoRA adapter's factors (`expert_factors`, the one decoder of peft's per-expert layout), never forming
+B @ A: ||B A||_F^2 = trace((B^T B)(A A^T)), two r x r Grams.
 Routing criteria (frequency, REAP) come from forward hooks on the routers during calibration.
 
 Usage: `d = delta_from_adapter("runs/toy/01_finetune_mixtral/adapter", config)["all"]  # [L][E]`
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,13 +80,25 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
         return {_PREFIX.sub("", k): h.get_tensor(k) for k in h.keys() if "lora_" in k}
 
 
-def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
-    """||scaling * B_e A_e||_F per (layer, expert) from a peft LoRA adapter, without the model.
+class ExpertLoRA(NamedTuple):
+    """One expert weight's LoRA: its change is scaling * B @ A, laid out like legacy w1/w2/w3 [out, in]."""
+
+    B: torch.Tensor  # [out, r]
+    A: torch.Tensor  # [r, in]
+    scaling: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.B.float() @ self.A.float())  # [out, in]
+
+
+def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], ExpertLoRA]:
+    """(layer, expert, "w1" | "w2" | "w3") -> ExpertLoRA of a peft LoRA adapter, from its file alone.
 
     Fused experts (`target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`):
     peft's ParamWrapper holds A [E*r, in] expert-major and B [out, r*E] rank-major, so expert e
     uses A.reshape(E, r, in)[e] and B.reshape(out, r, E)[:, :, e]; gate_up's out rows are w1 then
-    w3. Per-expert Linear adapters (`experts.{e}.w1` ...) hold A [r, in], B [out, r].
+    w3. Per-expert Linear adapters (`experts.{e}.w1` ...) hold A [r, in], B [out, r]. The tensors
+    are views of the adapter's (no product is formed); DoRA and non-LoRA adapters are refused.
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_json(adapter_dir / "adapter_config.json")
@@ -93,10 +107,8 @@ def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
                          f"use_dora {cfg.get('use_dora')}): their delta is not scaling * B @ A")
     v = _shape_of(config)
     L, E, H, I = v["n_layers"], v["n_experts"], v["hidden"], v["inter"]
-    sq = {w: np.zeros((L, E)) for w in WEIGHTS}
-    tensors = _adapter_tensors(adapter_dir)
     groups: dict[tuple, dict[str, torch.Tensor]] = {}
-    for k, t in tensors.items():
+    for k, t in _adapter_tensors(adapter_dir).items():
         if m := _FUSED_LORA.match(k):
             groups.setdefault(("fused", int(m.group(1)), m.group(2)), {})[m.group(3)] = t
         elif m := _LEGACY_LORA.match(k):
@@ -104,6 +116,7 @@ def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
     if not groups:
         raise ValueError(f"{adapter_dir}: no LoRA factors on experts (expected target_parameters "
                          "mlp.experts.gate_up_proj/down_proj or per-expert w1/w2/w3 modules)")
+    out: dict[tuple[int, int, str], ExpertLoRA] = {}
     for key, f in groups.items():
         if set(f) != {"A", "B"}:
             raise ValueError(f"{adapter_dir}: {key} has lora_{''.join(f)} but not both A and B")
@@ -114,7 +127,7 @@ def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
         if key[0] == "legacy":
             _, _, e, w = key
             module = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
-            sq[w][layer, e] += _scaling(module, A.shape[0], cfg) ** 2 * _gram_norm2(B, A)
+            out[(layer, e, w)] = ExpertLoRA(B, A, _scaling(module, A.shape[0], cfg))
             continue
         if A.shape[0] % E:
             raise ValueError(f"{adapter_dir}: layer {layer} expert LoRA A has {A.shape[0]} rows, not a multiple of {E} experts")
@@ -127,12 +140,21 @@ def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
         else:
             raise ValueError(f"{adapter_dir}: layer {layer} expert LoRA maps {fan_in} -> {fan_out}, neither gate_up_proj "
                              f"({H} -> {2 * I}) nor down_proj ({I} -> {H}) of this model")
-        s2 = _scaling(f"model.layers.{layer}.mlp.experts", r, cfg) ** 2
+        s = _scaling(f"model.layers.{layer}.mlp.experts", r, cfg)
         A_e = A.reshape(E, r, fan_in)  # [E, r, in]
         B_e = B.reshape(fan_out, r, E)  # [out, r, E]
         for e in range(E):
             for w, rows in roles:
-                sq[w][layer, e] += s2 * _gram_norm2(B_e[rows, :, e], A_e[e])
+                out[(layer, e, w)] = ExpertLoRA(B_e[rows, :, e], A_e[e], s)
+    return out
+
+
+def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
+    """||scaling * B_e A_e||_F per (layer, expert) from a peft LoRA adapter (see `expert_factors`), without the model."""
+    v = _shape_of(config)
+    sq = {w: np.zeros((v["n_layers"], v["n_experts"])) for w in WEIGHTS}
+    for (layer, e, w), f in expert_factors(adapter_dir, config).items():
+        sq[w][layer, e] = f.scaling ** 2 * _gram_norm2(f.B, f.A)
     return _combine(sq)
 
 

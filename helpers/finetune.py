@@ -1,15 +1,14 @@
-"""LoRA / QLoRA fine-tuning with peft + trl: presets as data, train an adapter, merge it into a checkpoint.
+"""LoRA / QLoRA fine-tuning with peft + trl: train an adapter on a preset, merge it into a checkpoint.
 
-Presets hold real-scale recipes; callers override any field (`steps=20, lr=1e-3`) for the toy world.
-"mixtral-experts" reaches the experts as well as attention: transformers 5 keeps Mixtral's experts as
-fused 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]), not Linear
-modules, so they are targeted with peft's `target_parameters` (one rank-r LoRA per expert).
+Recipes live in `helpers.lora_presets` (re-exported here: `finetune.PRESETS`, `get_preset`); rows
+come from `helpers.data` ("toy", local files, hub ids) or are passed as a list / Dataset.
 
 QLoRA (`quantize="4bit"`): nf4, double quant, bf16 compute, `device_map="auto"` on GPUs (accelerate
 spreads a large model over all of them). bitsandbytes quantizes Linear modules only, so the fused
 expert stacks stay bf16 (bitsandbytes issue 1849): Mixtral-8x7B needs ~90 GB for its experts alone,
 i.e. two 80 GB GPUs or one H200. We also do NOT call peft's `prepare_model_for_kbit_training`,
 which upcasts every bf16 parameter (those expert stacks included) to fp32; only 1-D ones are upcast.
+Per-expert LoRA factors of an adapter are decoded by `expert_scores.expert_factors`.
 
 Usage: `r = train_lora("runs/toy/world/mixtral", ds, "runs/toy/01/adapter", preset="mixtral-experts", steps=20); merge_adapter("runs/toy/world/mixtral", r.adapter_dir, "runs/toy/01/merged")`
 """
@@ -17,7 +16,6 @@ Usage: `r = train_lora("runs/toy/world/mixtral", ds, "runs/toy/01/adapter", pres
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -27,148 +25,31 @@ from pathlib import Path
 
 import torch
 
-from helpers.fsutil import atomic_dir, write_json
+from helpers import arch
+from helpers.checkpoint import SIDE_FILES, Checkpoint, load_check
+from helpers.data import DEFAULT_WORLD, load_sft
+from helpers.fsutil import atomic_dir, read_json, refuse_existing, write_json
+from helpers.lora_presets import ATTENTION, FFN, FUSED_EXPERTS, PRESETS, Preset, check_targets, get_preset, lora_config
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-FFN = ("gate_proj", "up_proj", "down_proj")
-FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+__all__ = ["ATTENTION", "FFN", "FUSED_EXPERTS", "PRESETS", "Preset", "get_preset", "lora_config",  # re-exported
+           "check_targets", "sft_dataset", "load_kwargs", "prepare_kbit", "weight_bytes", "sft_kwargs",
+           "TrainResult", "train_lora", "history_frame", "merge_adapter", "delta_summary"]
 QUANTIZE = (None, "4bit")
 
 
-@dataclass(frozen=True)
-class Preset:
-    """One LoRA recipe. Effective batch = batch_size x grad_accum (x GPUs under data parallel)."""
-
-    targets: tuple[str, ...]  # Linear module names (peft target_modules)
-    target_parameters: tuple[str, ...] = ()  # fused 3-D parameters (peft target_parameters)
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0  # must be 0 with target_parameters (peft ParamWrapper cannot drop out)
-    lr: float = 2e-4
-    steps: int = 1000
-    batch_size: int = 4
-    grad_accum: int = 4
-    max_length: int = 1024
-    scheduler: str = "cosine"
-    warmup_steps: int = 100  # train_lora clamps it to steps // 10 for short runs
-    weight_decay: float = 0.0
-    note: str = ""
-
-
-PRESETS: dict[str, Preset] = {
-    # Expert-importance run: attention + every expert, so the fine-tuning delta shows per expert.
-    "mixtral-experts": Preset(
-        targets=ATTENTION, target_parameters=FUSED_EXPERTS, r=8, alpha=16, dropout=0.0, lr=2e-4, steps=1000,
-        batch_size=4, grad_accum=4, max_length=1024, scheduler="cosine", warmup_steps=30,
-        note="LoRA on q/k/v/o and the fused experts (gate_up_proj, down_proj)"),
-    # Seed recipe for healing Mistral-7B after layer dropping (3e-4 diverges).
-    "mistral-healing": Preset(
-        targets=ATTENTION, r=4, alpha=4, dropout=0.05, lr=3e-6, steps=5000, batch_size=4, grad_accum=4,
-        max_length=1024, scheduler="cosine", warmup_steps=100, note="q/k/v/o, lr 3e-6, r 4, alpha 4"),
-    # Gromov et al. (arXiv 2403.17887): QLoRA, FFN-only, alpha = rank, dropout 0.05, cosine, 100 warmup,
-    # 5000 steps of batch 16 on C4; Mistral-7B: lr 3e-6, rank 4.
-    "ffn-healing": Preset(
-        targets=FFN, r=4, alpha=4, dropout=0.05, lr=3e-6, steps=5000, batch_size=4, grad_accum=4,
-        max_length=1024, scheduler="cosine", warmup_steps=100, note="paper's healing: gate/up/down, alpha = rank"),
-}
-
-
-def get_preset(name: str, **overrides) -> Preset:
-    """A named preset with fields replaced; unknown names or fields are one-line errors."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown LoRA preset {name!r}; known: {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(Preset)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise ValueError(f"unknown LoRA override(s) {bad}; known: {sorted(fields - {'note'})}")
-    for k in ("targets", "target_parameters"):
-        if k in overrides and overrides[k] is not None:
-            v = overrides[k]
-            overrides[k] = (v,) if isinstance(v, str) else tuple(v)
-    p = dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
-    if not (p.steps >= 1 and p.r >= 1 and p.batch_size >= 1 and p.grad_accum >= 1 and p.lr > 0):
-        raise ValueError(f"preset {name!r}: steps, r, batch_size, grad_accum must be >= 1 and lr > 0")
-    if p.target_parameters and p.dropout:
-        raise ValueError(f"preset {name!r}: dropout={p.dropout} with target_parameters {list(p.target_parameters)}; "
-                         "peft's ParamWrapper needs dropout=0")
-    if not (p.targets or p.target_parameters):
-        raise ValueError(f"preset {name!r}: no targets and no target_parameters")
-    return p
-
-
-def lora_config(p: Preset):
-    from peft import LoraConfig
-
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, bias="none", task_type="CAUSAL_LM",
-                      target_modules=list(p.targets) or None, target_parameters=list(p.target_parameters) or None)
-
-
-def check_targets(model_or_config, p: Preset, where: str = "model") -> None:
-    """Every target names a Linear module / parameter of the model; else a one-line error."""
-    model = model_or_config
-    if not isinstance(model, torch.nn.Module):  # a config: build the skeleton on meta, no weights
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_or_config)
-    modules = [n for n, _ in model.named_modules()]
-    params = [n for n, _ in model.named_parameters()]
-    for t in p.targets:
-        if not any(n == t or n.endswith("." + t) for n in modules):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if n.startswith("model.layers.0.")} - {"0", ""})
-            raise ValueError(f"unknown LoRA target module {t!r} in {where}; layer 0 has {leaves}")
-    for t in p.target_parameters:
-        if not any(n == t or n.endswith("." + t) for n in params):
-            raise ValueError(f"unknown LoRA target parameter {t!r} in {where} (not a MoE model with fused experts?)")
-
-
 # ---- data -----------------------------------------------------------------------------------
-def _read_rows(path: Path) -> list[dict]:
-    # FALLBACK until helpers.data (toy helper) is merged: local jsonl / json / parquet only.
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict("records")
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-    return rows
-
-
-def sft_dataset(source, n: int | None = None, *, world="runs/toy/world", split: str = "train", seed: int = 0):
+def sft_dataset(source, n: int | None = None, *, world=DEFAULT_WORLD, split: str = "train", seed: int = 0):
     """Training rows as a `datasets.Dataset` with a "messages" (chat) or "text" column.
 
-    `source`: a Dataset, a list of row dicts, "toy" (the world's finetune/<split>.jsonl), a local
-    .jsonl/.parquet, or a hub id (through `helpers.data.load_sft`).
+    `source`: a Dataset or a list of row dicts (either column, `n` drawn by a seeded shuffle), or
+    anything `helpers.data.load_sft` reads ("toy" = the world's finetune/<split>.jsonl, a local
+    .jsonl/.parquet, a hub id), which gives "messages" rows.
     """
     from datasets import Dataset
 
-    if isinstance(source, Dataset):
-        ds, name = source, "dataset"
-    elif isinstance(source, list):
-        ds, name = Dataset.from_list(source), "rows"
-    else:
-        name = str(source)
-        if name == "toy":
-            name = str(Path(world) / "finetune" / f"{split}.jsonl")
-        try:
-            from helpers.data import load_sft
-        except ModuleNotFoundError as e:  # helpers.data not merged yet: local files only
-            if e.name != "helpers.data":
-                raise
-            load_sft = None
-        if load_sft is not None:
-            ds = load_sft(name, n, world=world, seed=seed)
-        else:
-            path = Path(name)
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no such dataset file (hub ids need helpers.data)")
-            ds = Dataset.from_list(_read_rows(path))
+    if not isinstance(source, (Dataset, list)):
+        return load_sft(source, n, world=world, seed=seed, split=split)
+    ds, name = (source, "dataset") if isinstance(source, Dataset) else (Dataset.from_list(source), "rows")
     if "messages" not in ds.column_names and "text" not in ds.column_names:
         raise ValueError(f"{name}: needs a 'messages' or 'text' column, has {ds.column_names}")
     if len(ds) == 0:
@@ -291,9 +172,7 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
 
     p = get_preset(preset, **overrides)
     p = dataclasses.replace(p, warmup_steps=min(p.warmup_steps, p.steps // 10))  # what actually runs
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    out_dir = refuse_existing(out_dir, overwrite)  # before minutes of training
     check_targets(AutoConfig.from_pretrained(str(model_path)), p, where=str(model_path))
     kw = load_kwargs(quantize)
     dev = device()
@@ -355,7 +234,7 @@ def history_frame(log_history):
     import pandas as pd
 
     if not isinstance(log_history, list):
-        log_history = json.loads((Path(log_history) / "log_history.json").read_text())
+        log_history = read_json(Path(log_history) / "log_history.json")
     rows = [{"step": h["step"], "metric": name, "value": h[key]}
             for h in log_history for key, name in (("loss", "train loss"), ("eval_loss", "eval loss")) if key in h]
     return pd.DataFrame(rows, columns=["step", "metric", "value"])
@@ -365,65 +244,40 @@ def history_frame(log_history):
 def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_shards: int | None = None) -> Path:
     """Fold a LoRA adapter into its base: a standalone HF checkpoint with legacy expert keys.
 
-    Loads the base unquantized in its own dtype on CPU (Mixtral-8x7B bf16: ~95 GB of RAM), merges
-    with peft's merge_and_unload (safe_merge: NaNs raise), saves in about as many shards as a
-    local base has (or `n_shards`), atomically.
+    Loads the base unquantized in its own dtype on CPU (Mixtral-8x7B bf16: ~95 GB of RAM), refusing
+    one with missing or unexpected keys, merges with peft's merge_and_unload (safe_merge: NaNs
+    raise), saves in about as many shards as a local base has (or `n_shards`), atomically.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapter_dir, out_dir = Path(adapter_dir), refuse_existing(out_dir, overwrite)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+    local = Path(base_dir).is_dir()
+    base = load_check(base_dir, dtype="auto", own=False)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if n_shards is None:
-        index = Path(base_dir) / "model.safetensors.index.json"
-        n_shards = len(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else 1
+    n_shards = n_shards or (len(Checkpoint(base_dir).shards) if local else 1)
+    side = Path(base_dir) if local else adapter_dir  # tokenizer and chat template travel with the weights
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp), max_shard_size=max(1, math.ceil(total / n_shards)))
-        side = Path(base_dir) if Path(base_dir).is_dir() else adapter_dir
-        for f in side.iterdir():  # tokenizer and chat template travel with the weights
-            if re.match(r"(tokenizer|special_tokens_map|added_tokens|chat_template|vocab|merges)", f.name):
-                shutil.copy2(f, tmp / f.name)
+        for f in SIDE_FILES:
+            if (side / f).exists() and not (tmp / f).exists():  # keep what save_pretrained wrote
+                shutil.copy2(side / f, tmp / f)
     return out_dir
 
 
-def expert_factors(adapter_dir) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Fused-expert LoRA factors of an adapter, read from its file alone (no model, nothing merged).
-
-    (layer, "gate_up_proj" | "down_proj") -> (B [E, out, r] with the scale folded in, A [E, r, in]):
-    expert e's change is B[e] @ A[e], laid out like the fused parameter (gate_up_proj [2I, H]: w1 rows
-    then w3 rows; down_proj [H, I]: w2). peft's ParamWrapper stores lora_A [r*E, in] expert-major
-    and lora_B [out, r*E] rank-major (column k*E + e); two parameters of one module nest, and the
-    deeper `base_layer.` wrapper holds the one the module defines first (gate_up_proj).
-    """
-    from safetensors import safe_open
-
-    adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    pat = re.compile(r"layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)lora_A\.weight$")
-    out: dict = {}
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as f:
-        found: dict[int, list[tuple[int, str]]] = {}
-        for k in f.keys():
-            if m := pat.search(k):
-                found.setdefault(int(m.group(1)), []).append((m.group(2).count("base_layer."), k))
-        for layer, keys in found.items():
-            if len(keys) != 2:
-                raise ValueError(f"{adapter_dir}: layer {layer} has {len(keys)} fused-expert LoRA pairs, expected 2")
-            for (_, ka), name in zip(sorted(keys, reverse=True), ("gate_up_proj", "down_proj")):
-                a, b = f.get_tensor(ka).float(), f.get_tensor(ka.replace("lora_A", "lora_B")).float()
-                E = a.shape[0] // r
-                A = a.reshape(E, r, -1)  # [E, r, in]
-                B = b.reshape(b.shape[0], r, E).permute(2, 0, 1) * scale  # [out, r*E] -> [E, out, r]
-                out[(layer, name)] = (B, A)
-    return out
+def _kind(name: str) -> str:
+    """attention, expert w1/w2/w3, router, ffn or other, for a tensor of a saved (legacy-key) checkpoint."""
+    if m := arch.LEGACY_EXPERT_RE.match(name):
+        return f"expert {m.group(3)}"
+    if "block_sparse_moe.gate" in name or name.endswith("mlp.gate.weight"):
+        return "router"
+    if re.search(r"self_attn\.[qkvo]_proj", name):
+        return "attention"
+    if re.search(r"mlp\.(gate|up|down)_proj", name):
+        return "ffn"
+    return "other"
 
 
 def delta_summary(base_dir, merged_dir):
@@ -433,30 +287,14 @@ def delta_summary(base_dir, merged_dir):
     """
     import pandas as pd
 
-    from helpers.checkpoint import Checkpoint
-
-    a, b = Checkpoint(base_dir), Checkpoint(merged_dir)
-
-    def kind(n: str) -> str:
-        if m := re.search(r"experts\.\d+\.(w[123])\.weight$", n):
-            return f"expert {m.group(1)}"
-        if "block_sparse_moe.gate" in n or n.endswith("mlp.gate.weight"):
-            return "router"
-        if re.search(r"self_attn\.[qkvo]_proj", n):
-            return "attention"
-        if re.search(r"mlp\.(gate|up|down)_proj", n):
-            return "ffn"
-        return "other"
-
     rows = []
-    for n in a.keys():
-        if n not in b:
-            continue
-        wa, wb = a.get(n).float(), b.get(n).float()
-        d = (wb - wa).norm().item()
-        rows.append({"kind": kind(n), "tensor": n, "changed": d > 0, "rel_delta": d / max(wa.norm().item(), 1e-12)})
-    a.close()
-    b.close()
+    with Checkpoint(base_dir) as a, Checkpoint(merged_dir) as b:
+        for n, wa in a.iter():
+            if n not in b:
+                continue
+            wa = wa.float()
+            d = (b.get(n).float() - wa).norm().item()
+            rows.append({"kind": _kind(n), "tensor": n, "changed": d > 0, "rel_delta": d / max(wa.norm().item(), 1e-12)})
     df = pd.DataFrame(rows)
     return (df.groupby("kind").agg(tensors=("tensor", "size"), changed=("changed", "sum"),
                                    mean_rel_delta=("rel_delta", "mean"), max_rel_delta=("rel_delta", "max"))

@@ -52,6 +52,14 @@ def fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def refuse_existing(target, overwrite: bool = False) -> Path:
+    """Raise FileExistsError if `target` exists and not `overwrite`; call it before slow work that ends in atomic_dir."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    return target
+
+
 @contextmanager
 def atomic_dir(target, overwrite: bool = False):
     """Yield a temp dir beside `target`; on success fsync it and rename it onto `target`.
@@ -59,9 +67,7 @@ def atomic_dir(target, overwrite: bool = False):
     An existing target is refused unless `overwrite`. On any error (or SIGKILL) the target is
     untouched; a killed writer's temp dir is swept by the next writer of the same target.
     """
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    target = refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))

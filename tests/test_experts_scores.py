@@ -49,6 +49,19 @@ def test_adapter_delta_equals_checkpoint_delta(finetuned, tiny_mixtral, tiny_mix
     np.testing.assert_allclose(total, from_lora["all"], rtol=1e-12)
 
 
+def test_expert_factors_reproduce_merged_minus_base(finetuned, tiny_mixtral):
+    """Fused layout: scaling * B_e A_e of every (layer, expert, weight) is the merged checkpoint minus the base."""
+    from helpers import arch
+    from helpers.checkpoint import Checkpoint
+
+    factors = xs.expert_factors(finetuned / "adapter", _cfg().to_dict())
+    assert set(factors) == {(l, e, w) for l in range(4) for e in range(8) for w in arch.EXPERT_WEIGHTS}
+    with Checkpoint(tiny_mixtral) as a, Checkpoint(finetuned / "merged") as b:
+        for (l, e, w), f in factors.items():
+            n = arch.LEGACY.experts[w].format(l=l, e=e)
+            torch.testing.assert_close(b.get(n) - a.get(n), f.delta(), rtol=0, atol=1e-6)
+
+
 def _legacy_tree(L=4, E=8, H=32, I=24):
     """A module tree with Mixtral's legacy per-expert Linear names (as transformers 4.x built it)."""
     def ns(**kw):
@@ -75,6 +88,11 @@ def test_adapter_delta_on_per_expert_linears(tmp_path):
     merged = pm.merge_and_unload().state_dict()
     got = xs.delta_from_adapter(tmp_path / "adapter", _cfg().to_dict())
     name = "model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight"
+    factors = xs.expert_factors(tmp_path / "adapter", _cfg().to_dict())  # rslora and alpha_pattern scalings
+    assert set(factors) == {(l, e, w) for l in range(4) for e in range(8) for w in ("w1", "w2", "w3")}
+    for (l, e, w), f in factors.items():
+        n = name.format(l=l, e=e, w=w)
+        torch.testing.assert_close(merged[n] - base[n], f.delta(), rtol=0, atol=1e-6)
     for w in ("w1", "w2", "w3"):
         ref = [[float((merged[name.format(l=l, e=e, w=w)] - base[name.format(l=l, e=e, w=w)]).norm()) for e in range(8)]
                for l in range(4)]

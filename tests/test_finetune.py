@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import arch, checkpoint, finetune
+from helpers import expert_scores as xs
 from helpers.checkpoint import Checkpoint
 
 ATTN_RE = r"self_attn\.[qkvo]_proj\.weight$"
@@ -131,20 +132,19 @@ def test_delta_summary_separates_router_from_experts(mixtral_run):
 
 
 def test_expert_factors_give_the_merged_expert_deltas(mixtral_run):
+    """The one LoRA-factor decoder (expert_scores) on a trained adapter: scaling * B_e A_e = merged - base per expert."""
     base, res, merged = mixtral_run
     a, b = Checkpoint(base), Checkpoint(merged)
     cfg = a.config
-    factors = finetune.expert_factors(res.adapter_dir)
-    assert set(factors) == {(l, p) for l in range(cfg["num_hidden_layers"]) for p in ("gate_up_proj", "down_proj")}
-    I = cfg["intermediate_size"]
-    for (layer, name), (B, A) in factors.items():
-        delta = B @ A  # [E, out, in]
-        for e in range(cfg["num_local_experts"]):
-            key = arch.LEGACY.experts
-            parts = ({"w1": delta[e, :I], "w3": delta[e, I:]} if name == "gate_up_proj" else {"w2": delta[e]})
-            for w, d in parts.items():
-                n = key[w].format(l=layer, e=e)
-                torch.testing.assert_close(b.get(n) - a.get(n), d, rtol=0, atol=1e-6)
+    L, E = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    factors = xs.expert_factors(res.adapter_dir, cfg)
+    assert set(factors) == {(l, e, w) for l in range(L) for e in range(E) for w in arch.EXPERT_WEIGHTS}
+    for (layer, e, w), f in factors.items():
+        n = arch.LEGACY.experts[w].format(l=layer, e=e)
+        torch.testing.assert_close(b.get(n) - a.get(n), f.delta(), rtol=0, atol=1e-6)
+    from_lora, from_ck = xs.delta_from_adapter(res.adapter_dir, cfg), xs.delta_from_checkpoints(base, merged)
+    for w in (*arch.EXPERT_WEIGHTS, "all"):
+        assert xs.max_rel_diff(from_ck[w], from_lora[w]) < 1e-4, w
 
 
 def test_merged_loads_cleanly_and_equals_peft_logits(mixtral_run):
