@@ -29,6 +29,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -121,11 +122,12 @@ SCORINGS = {
     "cloze": "log-likelihood of ' {option}' after 'Question: {question}\\nAnswer:', summed over its tokens (headline)",
     "cloze_norm": "the cloze log-likelihood divided by the option's length in characters",
     "loglik": "log-likelihood of ' A', ' B', ... after the question and its lettered options, 0-shot",
-    "cot": "the official 5-shot chain-of-thought prompt, greedy, answer extracted; unparsed replies count as wrong",
+    "cot": "the official chain-of-thought prompt with as many of k shots as fit the context (shots_used), greedy, "
+           "answer extracted; unparsed replies count as wrong",
 }
 
 
-def accuracy_block(result) -> dict:
+def accuracy_block(result: mmlu_pro.TaskResult) -> dict:
     """One task's accuracy as the manifest keeps it: {overall, per_category, n, n_per_category, n_unparsed, ...}."""
     s = mmlu_pro.summarize(result.questions, result.preds)
     per = s["per_category"]
@@ -134,7 +136,7 @@ def accuracy_block(result) -> dict:
             "n_unparsed_per_category": {c: v["n_unparsed"] for c, v in per.items()}}
 
 
-def world_accuracy(model, tok, questions, shots, spec: dict) -> dict[str, dict]:
+def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: dict, spec: dict) -> dict[str, dict]:
     """Accuracy of one model under each scoring of SCORINGS, through helpers.eval.
 
     Cloze and loglik score every test question; CoT generates for `eval_cot.per_category`
@@ -151,7 +153,7 @@ def world_accuracy(model, tok, questions, shots, spec: dict) -> dict[str, dict]:
     return out
 
 
-def chance(questions) -> dict:
+def chance(questions: Sequence[mmlu_pro.Question]) -> dict:
     """Expected accuracy of uniform guessing: overall and per category."""
     per: dict[str, list[float]] = {}
     for q in questions:
