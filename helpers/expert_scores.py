@@ -171,11 +171,12 @@ def max_rel_diff(a, b) -> float:
 
 
 # ---- pairwise distance ------------------------------------------------------------------------
-def expert_distances(model, block_bytes: int = BLOCK_BYTES) -> dict[str, list]:
+def expert_distances(model, block_bytes: int = BLOCK_BYTES, relative: bool = False) -> dict[str, list]:
     """Per layer, the E x E Frobenius distances between experts' concatenated (w1, w2, w3).
 
     Streams row blocks of all experts at once and accumulates the Gram matrix G;
-    d_ij^2 = G_ii + G_jj - 2 G_ij.
+    d_ij^2 = G_ii + G_jj - 2 G_ij. `relative`: d_ij / ((||W_i|| + ||W_j||) / 2), comparable across
+    layers and models of different scale.
     """
     v = ExpertView(model)
     out = {}
@@ -186,7 +187,10 @@ def expert_distances(model, block_bytes: int = BLOCK_BYTES) -> dict[str, list]:
                 X = torch.stack([v.read(l, e, w, rows).float().reshape(-1) for e in range(v.n_experts)])  # [E, rows*cols]
                 G += (X @ X.T).double()
         n = G.diagonal()
-        out[str(l)] = (n[:, None] + n[None, :] - 2 * G).clamp_min(0).sqrt().fill_diagonal_(0).tolist()
+        D = (n[:, None] + n[None, :] - 2 * G).clamp_min(0).sqrt().fill_diagonal_(0)  # [E, E]
+        if relative:
+            D = D / ((n.sqrt()[:, None] + n.sqrt()[None, :]) / 2).clamp_min(1e-30)
+        out[str(l)] = D.tolist()
     v.close()
     return out
 

@@ -9,11 +9,13 @@ Layout under the world directory (manifest output names in quotes):
   mixtral/, mistral/   HF checkpoints, several shards, legacy expert keys, tokenizer inside  "mixtral", "mistral"
   finetune/{train,eval}.jsonl   chat rows from a subset of categories (domain shift)        "finetune"
   calib/calib.jsonl             {"text"} rows across all categories                       "calib"
-  manifest.json                 spec hash + seed (the cache key), per-category cloze accuracy, expert spread
+  manifest.json                 spec hash + seed (the cache key), per-category accuracy under each
+                                scoring (cloze, cloze_norm, loglik, cot), expert spread
 
 Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences (plus some in the
 chat format); tiny models do not learn to bind letters, so the headline score is cloze: the option
-whose " <text>" is most likely after "Question: {question}\nAnswer:" (see `cloze_accuracy`).
+whose " <text>" is most likely after "Question: {question}\nAnswer:" (helpers.eval.mmlu_pro scores
+all four; loglik and CoT stay near chance / unparsed on these models, by design of the comparison).
 The Mixtral is upcycled from a dense twin (experts start as noisy copies of one trained MLP) and
 trained on with a load-balancing loss, so experts differ by what they were routed. The cache key
 is the spec hash plus the seed: bump SPEC_VERSION when a generator or the training changes.
@@ -27,15 +29,15 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from helpers import toy_tasks as tasks
+from helpers.eval import mmlu_pro
 from helpers.fsutil import atomic_dir, read_json
 from helpers.manifest import FILENAME, Manifest
-from helpers.toy_train import (BASE_CONFIG, dense_twin, encode_pairs, model_config, pad, pretrain, save_model,
-                               upcycle)
+from helpers.toy_train import BASE_CONFIG, dense_twin, encode_pairs, model_config, pretrain, save_model, upcycle
 
 SPEC_VERSION = 1  # bump when generators or training change what a seed builds
 FULL = {
@@ -53,6 +55,8 @@ FULL = {
                 "dense_train": {"steps": 600, "batch": 32, "lr": 3e-3}, "upcycle_noise": 0.05,
                 "train": {"steps": 800, "batch": 32, "lr": 2e-3}, "n_shards": 4},
     "eval_batch": 64,
+    # CoT generates: a few questions per category and a short budget (tiny models reply with no letter)
+    "eval_cot": {"per_category": 5, "shots": 5, "max_new_tokens": 64, "batch": 8},
 }
 QUICK = {
     "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
@@ -60,6 +64,7 @@ QUICK = {
     "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 6, "batch": 8}},
     "mixtral": {"config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
                 "dense_train": {"steps": 4, "batch": 8}, "train": {"steps": 6, "batch": 8}},
+    "eval_cot": {"per_category": 1, "max_new_tokens": 8},
 }
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -110,49 +115,49 @@ def train_tokenizer(texts: list[str], vocab_size: int, out=None):
 
 
 # ---- scoring ----
-
-@torch.no_grad()
-def option_scores(model, tok, rows: list[dict], batch_size: int = 64) -> list[list[float]]:
-    """Per row, per option: summed log-probability of " <option text>" after "Question: q\nAnswer:"."""
-    model.eval()
-    pairs = []  # (row index, option index, context ids, continuation ids)
-    ctx = tok([tasks.cloze_prompt(r["question"]) for r in rows])["input_ids"]
-    for i, r in enumerate(rows):
-        conts = tok([" " + o for o in r["options"]], add_special_tokens=False)["input_ids"]
-        pairs += [(i, j, ctx[i], c) for j, c in enumerate(conts)]
-    pairs.sort(key=lambda p: len(p[2]) + len(p[3]))  # similar lengths together: little padding
-    scores = [[0.0] * len(r["options"]) for r in rows]
-    for k in tqdm(range(0, len(pairs), batch_size), desc="cloze", leave=False):
-        chunk = pairs[k:k + batch_size]
-        ids, mask = pad([p[2] + p[3] for p in chunk], tok.pad_token_id)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # [B, T, V]
-        for b, (i, j, c, o) in enumerate(chunk):
-            pos = torch.arange(len(c) - 1, len(c) + len(o) - 1)  # positions that predict the option tokens
-            scores[i][j] = logp[b, pos, torch.tensor(o)].sum().item()
-    return scores
+# helpers.eval is the one MMLU-Pro implementation (prompts, batched log-likelihood, extraction);
+# helpers.expert_scores the one for expert distances and routing. Here we only pick what the world
+# records and shape it for the manifest.
+SCORINGS = {
+    "cloze": "log-likelihood of ' {option}' after 'Question: {question}\\nAnswer:', summed over its tokens (headline)",
+    "cloze_norm": "the cloze log-likelihood divided by the option's length in characters",
+    "loglik": "log-likelihood of ' A', ' B', ... after the question and its lettered options, 0-shot",
+    "cot": "the official chain-of-thought prompt with as many of k shots as fit the context (shots_used), greedy, "
+           "answer extracted; unparsed replies count as wrong",
+}
 
 
-def cloze_accuracy(model, tok, rows: list[dict], batch_size: int = 64) -> dict:
-    """Accuracy when the answer is the option whose TEXT is most likely after the question.
+def accuracy_block(result: mmlu_pro.TaskResult) -> dict:
+    """One task's accuracy as the manifest keeps it: {overall, per_category, n, n_per_category, n_unparsed, ...}."""
+    s = mmlu_pro.summarize(result.questions, result.preds)
+    per = s["per_category"]
+    return {"overall": round(s["acc"], 4), "per_category": {c: round(v["acc"], 4) for c, v in per.items()},
+            "n": s["n"], "n_per_category": {c: v["n"] for c, v in per.items()}, "n_unparsed": s["n_unparsed"],
+            "n_unparsed_per_category": {c: v["n_unparsed"] for c, v in per.items()}}
 
-    Summed log-probability of the option tokens (lm-eval's `acc`); returns
-    {"overall", "per_category": {cat: acc}, "n", "n_per_category"} (micro averages).
+
+def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: dict, spec: dict) -> dict[str, dict]:
+    """Accuracy of one model under each scoring of SCORINGS, through helpers.eval.
+
+    Cloze and loglik score every test question; CoT generates for `eval_cot.per_category`
+    questions of each category (round-robin) with a small `max_new_tokens`, to keep the build short.
     """
-    scores = option_scores(model, tok, rows, batch_size)
-    hits: dict[str, list[int]] = {}
-    for r, sc in zip(rows, scores):
-        hits.setdefault(r["category"], []).append(int(max(range(len(sc)), key=sc.__getitem__) == r["answer_index"]))
-    n = sum(len(h) for h in hits.values())
-    return {"overall": round(sum(sum(h) for h in hits.values()) / n, 4),
-            "per_category": {c: round(sum(h) / len(h), 4) for c, h in hits.items()},
-            "n": n, "n_per_category": {c: len(h) for c, h in hits.items()}}
+    bs, cot = spec["eval_batch"], spec["eval_cot"]
+    res = mmlu_pro.evaluate(model, tok, questions, mode="cloze", batch_size=bs)
+    res += mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", batch_size=bs)
+    sub = mmlu_pro.take(questions, cot["per_category"] * len({q.category for q in questions}))
+    res += mmlu_pro.evaluate(model, tok, sub, shots, mode="cot", k=cot["shots"], max_new_tokens=cot["max_new_tokens"],
+                             batch_size=cot["batch"])
+    out = {r.task.removeprefix("mmlu_pro_"): accuracy_block(r) for r in res}
+    out["cot"].update(n_shots=cot["shots"], shots_used=res[-1].extra["shots_used"], max_new_tokens=cot["max_new_tokens"])
+    return out
 
 
-def chance(rows: list[dict]) -> dict:
+def chance(questions: Sequence[mmlu_pro.Question]) -> dict:
     """Expected accuracy of uniform guessing: overall and per category."""
     per: dict[str, list[float]] = {}
-    for r in rows:
-        per.setdefault(r["category"], []).append(1 / len(r["options"]))
+    for q in questions:
+        per.setdefault(q.category, []).append(1 / len(q.options))
     allv = [v for vs in per.values() for v in vs]
     return {"overall": round(sum(allv) / len(allv), 4), "per_category": {c: round(sum(v) / len(v), 4) for c, v in per.items()}}
 
@@ -165,34 +170,25 @@ def headroom(acc: dict, ch: dict) -> dict:
             "headroom_categories": mid, "ok": acc["overall"] >= 2 * ch["overall"] and acc["overall"] < 0.9 and len(mid) >= 2}
 
 
-@torch.no_grad()
-def expert_stats(model, tok, texts: list[str]) -> dict:
-    """Per layer: pairwise relative weight distance between experts, and router top-k frequency on `texts`."""
+def expert_stats(model_dir, model, tok, texts: list[str]) -> dict:
+    """Spread of the experts: helpers.expert_scores' relative pairwise distances (off the diagonal,
+    from the checkpoint) and router top-k frequency on `texts` as a share of routing slots (rows sum to 1)."""
+    from helpers.expert_scores import expert_distances, router_stats
+
+    rel = expert_distances(model_dir, relative=True)
     E, k = model.config.num_local_experts, model.config.num_experts_per_tok
-    dist, freq = [], []
-    for layer in model.model.layers:
-        ex = layer.mlp.experts
-        flat = torch.cat([ex.gate_up_proj.flatten(1), ex.down_proj.flatten(1)], dim=1)  # [E, 3*I*H]
-        norms = flat.norm(dim=1)
-        d = torch.cdist(flat, flat) / ((norms[:, None] + norms[None, :]) / 2)
-        dist.append(d[~torch.eye(E, dtype=torch.bool)])
-    counts = torch.zeros(len(model.model.layers), E)
-    for s in range(0, len(texts), 32):
-        ids, mask = pad(tok(texts[s:s + 32])["input_ids"], tok.pad_token_id)
-        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
-        keep = mask.flatten().bool()
-        for li, rl in enumerate(out.router_logits):  # [B*T, E]
-            top = rl[keep].topk(k, dim=-1).indices
-            counts[li] += torch.bincount(top.flatten(), minlength=E).float()
-    f = counts / counts.sum(dim=1, keepdim=True)  # [L, E]
-    dists = torch.stack(dist)  # [L, E*(E-1)]
+    off = ~torch.eye(E, dtype=torch.bool)
+    dists = torch.stack([torch.tensor(rel[l])[off] for l in sorted(rel, key=int)])  # [L, E*(E-1)]
+    routing = router_stats(model, tok, texts, batch_size=32)
+    f = torch.tensor(routing["frequency"]) / k  # [L, E]
     return {"pairwise_rel_distance": {"min": round(dists.min().item(), 4), "mean": round(dists.mean().item(), 4),
                                       "max": round(dists.max().item(), 4),
                                       "per_layer_mean": [round(x, 4) for x in dists.mean(1).tolist()]},
             "router_frequency": [[round(x, 4) for x in row] for row in f.tolist()],
             "router_frequency_spread": {"min": round(f.min().item(), 4), "max": round(f.max().item(), 4),
                                         "std_per_layer": [round(x, 4) for x in f.std(1).tolist()],
-                                        "uniform": round(1 / E, 4)}}
+                                        "uniform": round(1 / E, 4)},
+            "router_tokens": routing["n_tokens"]}
 
 
 # ---- the build ----
@@ -301,18 +297,22 @@ def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, for
             tok = train_tokenizer(tokenizer_corpus(splits), spec["tokenizer"]["vocab_size"], tmp / "tokenizer")
             seqs = encode_pairs(tok, splits["train"], spec["pretrain"]["chat_fraction"], seed)
         calib = [json.loads(x)["text"] for x in (tmp / "calib" / "calib.jsonl").read_text().splitlines()]
-        acc, models = {}, {}
+        questions, shots = mmlu_pro.load(tmp / "mmlu_pro")  # what every notebook scores, read back from disk
+        acc: dict[str, dict] = {s: {} for s in SCORINGS}
+        models = {}
         for kind in ("mistral", "mixtral"):
             with m.timer(f"train_{kind}"):
                 model, info = build_model(kind, spec, tok, seqs, seed, tmp)
             with m.timer(f"eval_{kind}"):
-                acc[kind] = cloze_accuracy(model, tok, splits["test"], spec["eval_batch"])
+                for scoring, block in world_accuracy(model, tok, questions, shots, spec).items():
+                    acc[scoring][kind] = block
             models[kind] = info
             if kind == "mixtral":
-                m.metric("experts", expert_stats(model, tok, calib))
+                with m.timer("expert_stats"):
+                    m.metric("experts", expert_stats(tmp / kind, model, tok, calib))
             del model
-        ch = chance(splits["test"])
-        m.metrics(accuracy={"cloze": acc}, chance=ch, targets={k: headroom(a, ch) for k, a in acc.items()},
+        ch = chance(questions)
+        m.metrics(accuracy=acc, scorings=SCORINGS, chance=ch, targets={k: headroom(a, ch) for k, a in acc["cloze"].items()},
                   models=models, threads=threads, sizes={s: len(v) for s, v in splits.items()}, tokenizer_vocab=len(tok))
         for name, rel in (("mixtral", "mixtral"), ("mistral", "mistral"), ("mmlu_pro", "mmlu_pro"),
                           ("finetune", "finetune"), ("calib", "calib"), ("tokenizer", "tokenizer")):
@@ -332,6 +332,11 @@ def summary(out) -> str:
         lines.append(f"{c:<14}{ch['per_category'][c]:>8.2f}{acc['mistral']['per_category'][c]:>9.2f}"
                      f"{acc['mixtral']['per_category'][c]:>9.2f}")
     lines.append(f"{'overall':<14}{ch['overall']:>8.2f}{acc['mistral']['overall']:>9.2f}{acc['mixtral']['overall']:>9.2f}")
+    for scoring, by_model in m["accuracy"].items():
+        if scoring != "cloze":
+            lines.append(f"{scoring:<14}{'':>8}" + "".join(f"{by_model[k]['overall']:>9.2f}" for k in ("mistral", "mixtral"))
+                         + f"   (n {by_model['mistral']['n']}, unparsed "
+                         + " / ".join(str(by_model[k]["n_unparsed"]) for k in ("mistral", "mixtral")) + ")")
     if man["params"].get("quick"):
         return "\n".join(lines + ["(--quick world: barely trained; the accuracy targets apply to the full build)"])
     for kind, t in m.get("targets", {}).items():

@@ -37,6 +37,7 @@ def test_unparsed_counts_as_wrong_never_guessed():
     s = mmlu_pro.summarize(qs, ["A", None, None, "B"])
     assert (s["acc"], s["n"], s["n_unparsed"]) == (0.25, 4, 2)
     assert s["per_category"]["c"] == {"acc": 0.25, "n": 4, "n_unparsed": 2}
+    assert TaskResult("t", qs, ["A", None, None, "B"], [None] * 4).correct == [True, False, False, False]
 
 
 # ---- prompts ------------------------------------------------------------------------------

@@ -59,6 +59,24 @@ def test_shared_prefix_scoring_equals_full_rows(mistral, questions):
         assert [max(range(len(g)), key=g.__getitem__) for g in got] == [max(range(len(w)), key=w.__getitem__) for w in want]
 
 
+def test_cloze_correct_flags_and_option_order(mistral, questions):
+    """Per-question flags are the argmax of the raw (or per-character) scores; reversing a question's
+    options reverses its scores, and the flags stay."""
+    model, tok = mistral
+    qs, _ = questions
+    raw, norm = mmlu_pro.score_cloze(model, tok, qs, batch_size=4, progress=False)
+    for result, normalised in ((raw, False), (norm, True)):
+        flags = mmlu_pro.cloze_correct(model, tok, qs, batch_size=3, normalised=normalised, progress=False)
+        scores = [[x / (len(o) + 1) if normalised else x for x, o in zip(out, q.options)] for out, q in zip(raw.outputs, qs)]
+        assert list(flags) == result.correct == [max(range(len(s)), key=s.__getitem__) == q.answer_index
+                                                  for s, q in zip(scores, qs)]
+    rev = [mmlu_pro.Question(q.question_id, q.question, q.options[::-1], mmlu_pro.LETTERS[len(q.options) - 1 - q.answer_index],
+                             len(q.options) - 1 - q.answer_index, q.category) for q in qs]
+    back, _ = mmlu_pro.score_cloze(model, tok, rev, batch_size=4, progress=False)
+    assert max(abs(a - b) for o, r in zip(raw.outputs, back.outputs) for a, b in zip(o, r[::-1])) < 1e-4
+    assert back.correct == raw.correct
+
+
 def test_loglik_equals_lighteval(mistral, questions, tiny_mistral, tmp_path):
     model, tok = mistral
     qs, shots = questions

@@ -117,12 +117,15 @@ def test_distances_match_direct_computation(tiny_mixtral, tiny_mixtral_fused, ti
     sd = tiny_mixtral_model.state_dict()
     legacy = xs.expert_distances(tiny_mixtral, block_bytes=4096)
     fused = xs.expert_distances(tiny_mixtral_fused)
+    rel = xs.expert_distances(tiny_mixtral, relative=True)
     for l in range(4):
         W = torch.cat([sd[f"model.layers.{l}.mlp.experts.gate_up_proj"].reshape(8, -1),
                        sd[f"model.layers.{l}.mlp.experts.down_proj"].reshape(8, -1)], 1).double()  # [E, 3IH]
         ref = torch.cdist(W, W).numpy()
         np.testing.assert_allclose(legacy[str(l)], ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(fused[str(l)], ref, rtol=1e-5, atol=1e-6)
+        norms = W.norm(dim=1).numpy()
+        np.testing.assert_allclose(rel[str(l)], ref / ((norms[:, None] + norms[None, :]) / 2), rtol=1e-5, atol=1e-6)
     u = xs.uniqueness(legacy)
     np.testing.assert_allclose(u[0][3], np.sum(legacy["0"][3]) / 7)
 

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from helpers import routing, stage_scoring, synth
 from helpers.checkpoint import copy_checkpoint
+from helpers.eval import mmlu_pro
 from helpers.routing import STAGES, Router, Thresholds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,27 +192,31 @@ def test_repl_serves_lines_until_quit(stages, tok):
         assert (stage, float(ent)) == (router.choose(p)[0], pytest.approx(router.choose(p)[1], abs=1e-4))
 
 
-# ---- stand-in scoring ------------------------------------------------------------------------
-QUESTIONS = [dict(question_id=i, question=q, options=opts, answer_index=a, category="toy")
+# ---- scoring stages through helpers.eval ------------------------------------------------------
+QUESTIONS = [mmlu_pro.Question(i, q, tuple(opts), "ABCDE"[a], a, "toy")
              for i, (q, opts, a) in enumerate([("what is 3 plus 4 ?", ["7", "8", "12", "1"], 0),
                                                ("which number is largest : 5 , 9 , 2 ?", ["5", "9", "2"], 1),
                                                ("the next letter after c is", ["d", "e", "b", "apple", "c"], 0)])]
 
 
-def test_cloze_equals_unbatched_option_loglik(stages, tok):
+def test_cloze_on_a_stage_equals_unbatched_option_loglik(stages, tok):
+    """Notebook 05's per-question correctness (helpers.eval cloze) against full unbatched rows in float64."""
     model = stages["AB"]
-    lls = stage_scoring.option_logliks(model, tok, QUESTIONS, batch_size=3)
-    for q, ll in zip(QUESTIONS, lls):
-        ctx = tok(stage_scoring.cloze_prompt(q))["input_ids"]
-        for opt, got in zip(q["options"], ll):
+    want = []
+    for q in QUESTIONS:
+        ctx = tok(mmlu_pro.cloze_context(q))["input_ids"]
+        row = []
+        for opt in q.options:
             cont = tok(f" {opt}", add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([ctx + cont])
             with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0].double(), -1)
-            want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
-            assert got == pytest.approx(want, abs=1e-4)
-    ok = stage_scoring.cloze_correct(model, tok, QUESTIONS, batch_size=5)
-    assert list(ok) == [int(np.argmax(ll)) == q["answer_index"] for ll, q in zip(lls, QUESTIONS)]
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), -1)
+            row.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+        want.append(row)
+    for bs in (1, 3):
+        raw, _ = mmlu_pro.score_cloze(model, tok, QUESTIONS, batch_size=bs, progress=False)
+        np.testing.assert_allclose(np.concatenate(raw.outputs), np.concatenate(want), atol=1e-4, rtol=0)
+    ok = mmlu_pro.cloze_correct(model, tok, QUESTIONS, batch_size=5, progress=False)
+    assert ok.dtype == bool and list(ok) == [int(np.argmax(w)) == q.answer_index for w, q in zip(want, QUESTIONS)]
 
 
 def test_mean_nll_and_stage_table(stages, tok):
@@ -225,6 +230,15 @@ def test_mean_nll_and_stage_table(stages, tok):
     assert table.set_index("stage")["layers"].to_dict() == {"A": 5, "AB": 7, "FULL": 8}
     diffs = table.set_index("stage")["max_abs_logit_diff_vs_base"]
     assert diffs["FULL"] == 0.0 and diffs["A"] > 0 and diffs["AB"] > 0
+
+
+def test_model_report_is_loss_and_eval_cloze_accuracy(stages, tok):
+    report = stage_scoring.model_report({st: stages[st] for st in ("A", "FULL")}, tok, PROMPTS[:3], QUESTIONS,
+                                        batch_size=2).set_index("model")
+    for st in ("A", "FULL"):
+        assert report.loc[st, "loss"] == pytest.approx(stage_scoring.mean_nll(stages[st], tok, PROMPTS[:3]), abs=1e-6)
+        want = mmlu_pro.score_cloze(stages[st], tok, QUESTIONS, progress=False)[0].summary()["acc"]
+        assert report.loc[st, "cloze_acc"] == pytest.approx(want)
 
 
 # ---- CLI in a subprocess -----------------------------------------------------------------------

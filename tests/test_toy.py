@@ -1,5 +1,5 @@
 """The toy world: deterministic data and tokenizer, schema on every row, a --quick build that loads
-offline, the manifest cache, and the batched cloze scorer."""
+offline, the manifest cache, and accuracies that are helpers.eval's scores of the saved models."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from helpers import toy, toy_tasks
-from helpers.checkpoint import Checkpoint, load_check, own_memory
+from helpers.checkpoint import Checkpoint, load_check
 from helpers.manifest import load as load_manifest
+from helpers.toy_train import encode_pairs
 
 SPLITS = ("test", "validation", "train")
 
@@ -130,13 +131,40 @@ def test_same_seed_gives_identical_models(world, tmp_path):
 def test_manifest_records_accuracy_and_experts(world):
     m = load_manifest(world)["metrics"]
     cats = set(toy_tasks.CATEGORIES)
-    for kind in ("mixtral", "mistral"):
-        acc = m["accuracy"]["cloze"][kind]
-        assert set(acc["per_category"]) == cats and 0 <= acc["overall"] <= 1
-    assert set(m["chance"]["per_category"]) == cats
+    n_test = toy.spec_for(quick=True)["data"]["test"] * len(cats)
+    n_cot = toy.spec_for(quick=True)["eval_cot"]["per_category"] * len(cats)
+    assert set(m["accuracy"]) == set(toy.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot"}
+    for scoring, by_model in m["accuracy"].items():
+        for kind in ("mixtral", "mistral"):
+            acc = by_model[kind]
+            assert set(acc["per_category"]) == set(acc["n_per_category"]) == cats and 0 <= acc["overall"] <= 1
+            assert acc["n"] == sum(acc["n_per_category"].values()) == (n_cot if scoring == "cot" else n_test)
+            if scoring != "cot":  # log-likelihood scorings always pick an option
+                assert acc["n_unparsed"] == 0
+    ch = m["chance"]
+    assert set(ch["per_category"]) == cats
+    assert m["targets"] == {k: toy.headroom(a, ch) for k, a in m["accuracy"]["cloze"].items()}
     freq = torch.tensor(m["experts"]["router_frequency"])
     assert freq.shape[1] == 8 and torch.allclose(freq.sum(1), torch.ones(len(freq)), atol=1e-3)
     assert m["experts"]["pairwise_rel_distance"]["min"] > 0
+    assert len(m["experts"]["pairwise_rel_distance"]["per_layer_mean"]) == len(freq)
+
+
+def test_manifest_accuracy_is_what_helpers_eval_scores_from_disk(world):
+    """The recorded accuracies are helpers.eval's on the saved checkpoints (no private scorer)."""
+    from transformers import AutoTokenizer
+
+    from helpers.eval import mmlu_pro
+
+    m = load_manifest(world)["metrics"]["accuracy"]
+    questions, shots = mmlu_pro.load(world / "mmlu_pro")
+    model = load_check(world / "mistral").eval()
+    tok = AutoTokenizer.from_pretrained(world / "mistral")
+    raw, norm = mmlu_pro.evaluate(model, tok, questions, mode="cloze", progress=False)
+    assert toy.accuracy_block(raw) == m["cloze"]["mistral"] and toy.accuracy_block(norm) == m["cloze_norm"]["mistral"]
+    assert m["cloze"]["mistral"]["overall"] == round(sum(raw.correct) / len(questions), 4)
+    loglik, = mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", progress=False)
+    assert toy.accuracy_block(loglik) == m["loglik"]["mistral"]
 
 
 def test_finetune_set_is_a_subset_of_categories(world):
@@ -173,22 +201,40 @@ def test_cache_is_a_noop_and_seed_or_spec_change_rebuilds(world, monkeypatch):
     assert _files(world) == before  # ... and an aborted rebuild leaves the old world untouched
 
 
-def test_batched_cloze_scores_equal_one_by_one(world):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_cloze_scores_the_answer_tokens_the_models_were_trained_on(world):
+    """helpers.eval's cloze context and continuation are the toy's pretraining format, token for token:
+    each option's score is the summed log-probability of exactly the tokens encode_pairs trains as the
+    answer (one full unbatched row each); batching and option order change nothing."""
+    from transformers import AutoTokenizer
 
-    model = own_memory(AutoModelForCausalLM.from_pretrained(world / "mistral", dtype=torch.float32)).eval()
+    from helpers.eval import mmlu_pro
+
+    model = load_check(world / "mistral").eval()
     tok = AutoTokenizer.from_pretrained(world / "mistral")
     rows = _read(world, "test")[::6]
-    batched = toy.option_scores(model, tok, rows, batch_size=64)
-    single = toy.option_scores(model, tok, rows, batch_size=1)
-    assert torch.allclose(torch.tensor(sum(batched, [])), torch.tensor(sum(single, [])), atol=1e-4)
-    acc = toy.cloze_accuracy(model, tok, rows, batch_size=64)
-    want = sum(max(range(len(s)), key=s.__getitem__) == r["answer_index"] for r, s in zip(rows, single)) / len(rows)
-    assert acc["overall"] == round(want, 4) and acc["n"] == len(rows)
+    qs = [mmlu_pro.to_question(r) for r in rows]
+    assert all(mmlu_pro.cloze_context(q) == toy_tasks.cloze_prompt(r["question"]) for q, r in zip(qs, rows))
+    want = []
+    with torch.no_grad():
+        for r in rows:
+            seqs = encode_pairs(tok, [{**r, "answer_index": j} for j in range(len(r["options"]))], 0.0, 0)
+            scores = []
+            for ids, n in seqs:  # ids = BOS + prompt + answer + EOS; n = answer tokens + EOS
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+                scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids) - 1)))
+            want.append(scores)
+    batched, _ = mmlu_pro.score_cloze(model, tok, qs, batch_size=64, progress=False)
+    single, _ = mmlu_pro.score_cloze(model, tok, qs, batch_size=1, progress=False)
+    flat = lambda xss: torch.tensor([x for xs in xss for x in xs], dtype=torch.float64)  # noqa: E731
+    assert torch.allclose(flat(batched.outputs), flat(want), atol=1e-4)
+    assert torch.allclose(flat(single.outputs), flat(want), atol=1e-4)
+    assert batched.correct == [max(range(len(w)), key=w.__getitem__) == q.answer_index for w, q in zip(want, qs)]
     # the scorer reads text, not letters: an option's score does not depend on its position
-    swapped = [{**r, "options": r["options"][::-1], "answer_index": len(r["options"]) - 1 - r["answer_index"]} for r in rows]
-    rev = toy.option_scores(model, tok, swapped, batch_size=64)
-    assert torch.allclose(torch.tensor(sum([s[::-1] for s in rev], [])), torch.tensor(sum(batched, [])), atol=1e-4)
+    swapped = [mmlu_pro.to_question({**r, "options": r["options"][::-1], "answer_index": len(r["options"]) - 1 - r["answer_index"],
+                                     "answer": "ABCDEFGHIJ"[len(r["options"]) - 1 - r["answer_index"]]}) for r in rows]
+    rev, _ = mmlu_pro.score_cloze(model, tok, swapped, batch_size=64, progress=False)
+    assert torch.allclose(flat([o[::-1] for o in rev.outputs]), flat(batched.outputs), atol=1e-4)
+    assert rev.correct == batched.correct
 
 
 def test_upcycled_mixtral_starts_as_its_dense_twin():

@@ -206,6 +206,11 @@ class TaskResult:
         return summarize(self.questions, self.preds) | {"seconds": round(self.seconds, 3),
                                                         "questions_per_s": round(len(self.questions) / max(self.seconds, 1e-9), 3)} | self.extra
 
+    @property
+    def correct(self) -> list[bool]:
+        """Per question: the prediction is the answer (an unparsed reply is wrong)."""
+        return [p == q.answer for q, p in zip(self.questions, self.preds)]
+
     def samples(self) -> list[dict]:
         rows = [dict(question_id=q.question_id, category=q.category, answer=q.answer, pred=p, output=o)
                 for q, p, o in zip(self.questions, self.preds, self.outputs)]
@@ -264,6 +269,15 @@ def score_cloze(model, tok, questions: Sequence[Question], batch_size: int = 8, 
     return [TaskResult("mmlu_pro_cloze", list(questions), raw, outs, dt, {"mode": "cloze", "normalisation": "none"}),
             TaskResult("mmlu_pro_cloze_norm", list(questions), norm, outs, dt,
                        {"mode": "cloze", "normalisation": "per character of the option"})]
+
+
+def cloze_correct(model, tok, questions: Sequence[Question], batch_size: int = 8, normalised: bool = False,
+                  progress: bool = True):
+    """[N] bool array: is each question's most likely option (cloze, raw or per-character) its answer."""
+    import numpy as np
+
+    raw, norm = score_cloze(model, tok, questions, batch_size=batch_size, progress=progress)
+    return np.array((norm if normalised else raw).correct, dtype=bool)
 
 
 def fit_shots(q: Question, shots, k: int, tok, budget: int | None) -> tuple[str, int]:
