@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from helpers import arch
-from helpers.checkpoint import Checkpoint, Entry, computed, copied, load_check, torch_dtype, write_checkpoint
+from helpers.checkpoint import Checkpoint, Entry, computed, copied, torch_dtype, write_checkpoint
+from helpers.verify import load_check
 from helpers.fsutil import atomic_dir, read_json, write_json
 
 RECORD = "layer_drop.json"
@@ -326,7 +327,7 @@ def load_stages(a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=to
                 own: bool = True) -> dict:
     """{"A", "AB", ..., "FULL"} (or the `stages` asked for) as models sharing module weights.
 
-    Loads stage A once (`checkpoint.load_check`: fails on missing keys; `own` copies the weights
+    Loads stage A once (`verify.load_check`: fails on missing keys; `own` copies the weights
     out of the mmap so logits are bit-reproducible) and each needed bundle once.
     """
     a = Checkpoint(a_dir)

@@ -105,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-shard-size", default=None, help="pack to this size instead of mirroring")
     _opt(p, "--overwrite", action="store_true")
 
-    p = cmd("compare", "helpers.checkpoint:cli_compare", "compare two checkpoints tensor by tensor (sha256)")
+    p = cmd("compare", "helpers.verify:cli_compare", "compare two checkpoints tensor by tensor (sha256)")
     p.add_argument("a")
     p.add_argument("b")
 
-    p = cmd("load-check", "helpers.checkpoint:cli_load_check", "load with AutoModelForCausalLM; fail on any missing/unexpected key")
+    p = cmd("load-check", "helpers.verify:cli_load_check", "load with AutoModelForCausalLM; fail on any missing/unexpected key")
     p.add_argument("model")
     return ap
 

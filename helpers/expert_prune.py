@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from helpers import arch
-from helpers.checkpoint import CheckpointError, Entry, compare, copied, rows_of, write_checkpoint
+from helpers.checkpoint import CheckpointError, Entry, copied, rows_of, write_checkpoint
+from helpers.verify import compare
 from helpers.experts import ExpertView, check_fingerprint, fingerprint, local_dir, moe_family
 from helpers.fsutil import atomic_dir, read_json, write_json
 
@@ -270,7 +271,7 @@ def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", *
     import torch
     from transformers import AutoTokenizer
 
-    from helpers.checkpoint import load_check
+    from helpers.verify import load_check
 
     tok = AutoTokenizer.from_pretrained(str(pruned))
     base = load_check(source, dtype=dtype, **load_kw).eval()

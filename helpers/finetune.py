@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from helpers import arch
-from helpers.checkpoint import SIDE_FILES, Checkpoint, load_check
+from helpers.checkpoint import SIDE_FILES, Checkpoint
+from helpers.verify import load_check
 from helpers.data import DEFAULT_WORLD, load_sft
 from helpers.fsutil import atomic_dir, read_json, refuse_existing, write_json
 from helpers.lora_presets import ATTENTION, FFN, FUSED_EXPERTS, PRESETS, Preset, check_targets, get_preset, lora_config

@@ -64,7 +64,7 @@ def stage_table(stages: dict, tokenizer, texts: Sequence[str], base=None) -> pd.
 def model_report(models: dict, tokenizer, texts: Sequence[str], questions: Sequence[mmlu_pro.Question], *,
                  batch_size: int = 16, dtype=torch.float32, device=None) -> pd.DataFrame:
     """Per named model (in memory, or a checkpoint dir loaded one at a time): held-out loss and cloze accuracy."""
-    from helpers.checkpoint import load_check
+    from helpers.verify import load_check
 
     rows = []
     for name, m in models.items():

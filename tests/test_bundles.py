@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import bundles, cli, layers, synth
-from helpers.checkpoint import Checkpoint, compare, load_check, tensor_sha256
+from helpers.checkpoint import Checkpoint
+from helpers.verify import compare, load_check, tensor_sha256
 
 L, BLOCK = 8, "2-5"  # drops 2..5: B = [2, 3], C = [4, 5]; A keeps [0, 1, 6, 7]
 IDS = torch.tensor([[5, 9, 33, 100, 7, 20, 64, 3], [1, 250, 17, 17, 42, 8, 99, 300]])

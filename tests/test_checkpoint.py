@@ -16,6 +16,7 @@ import torch
 
 from helpers import arch, checkpoint as C
 from helpers.checkpoint import Checkpoint, CheckpointError
+from helpers.verify import compare, load_check, shard_map
 
 
 @pytest.fixture(params=["tiny_mistral", "tiny_mixtral", "tiny_mixtral_fused"])
@@ -28,12 +29,12 @@ def test_mirror_copy_is_byte_identical_with_same_shard_map(ckpt, tmp_path):
     src, dst = Checkpoint(ckpt), Checkpoint(out)
     assert len(src.shards) > 1
     assert dst.shards == src.shards
-    assert C.shard_map(dst) == C.shard_map(src)
-    cmp = C.compare(ckpt, out)
+    assert shard_map(dst) == shard_map(src)
+    cmp = compare(ckpt, out)
     assert cmp.equal and cmp.n_equal == len(src)
     for name in src.keys():  # through safetensors' own reader too, not only our byte ranges
         assert torch.equal(src.get(name), dst.get(name)), name
-    C.load_check(out)
+    load_check(out)
     idx = json.loads((out / C.INDEX).read_text())
     assert idx["metadata"]["total_size"] == src.nbytes
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
@@ -48,17 +49,17 @@ def test_max_size_packs_within_limit_and_loads(tiny_mixtral, tmp_path):
     for shard in dst.shards:
         sizes = [i.nbytes for i in dst.infos.values() if i.shard == shard]
         assert sum(sizes) <= limit or len(sizes) == 1, shard
-    assert C.compare(tiny_mixtral, out).equal
-    C.load_check(out)
+    assert compare(tiny_mixtral, out).equal
+    load_check(out)
 
 
 def test_loaded_logits_equal_across_layouts(tiny_mixtral, tiny_mixtral_fused, tmp_path):
     packed = C.copy_checkpoint(tiny_mixtral, tmp_path / "packed", max_shard_size=20_000)
     x = torch.randint(0, 320, (2, 11))
     with torch.no_grad():
-        ref = C.load_check(tiny_mixtral)(x).logits
-        assert torch.equal(C.load_check(packed)(x).logits, ref)
-        assert torch.equal(C.load_check(tiny_mixtral_fused)(x).logits, ref)
+        ref = load_check(tiny_mixtral)(x).logits
+        assert torch.equal(load_check(packed)(x).logits, ref)
+        assert torch.equal(load_check(tiny_mixtral_fused)(x).logits, ref)
 
 
 def test_computed_entries_and_renames(tiny_mistral, tmp_path):
@@ -80,7 +81,7 @@ def test_n_shards_mode_gives_exact_count(tiny_mixtral, tmp_path):
     src = Checkpoint(tiny_mixtral)
     out = C.write_checkpoint(tmp_path / "n", C.passthrough(src), config=src.config, n_shards=7)
     assert len(Checkpoint(out).shards) == 7
-    assert C.compare(tiny_mixtral, out).equal
+    assert compare(tiny_mixtral, out).equal
 
 
 def test_existing_target_refused_unless_overwrite(tiny_mistral, tmp_path):
@@ -88,7 +89,7 @@ def test_existing_target_refused_unless_overwrite(tiny_mistral, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         C.copy_checkpoint(tiny_mistral, out)
     C.copy_checkpoint(tiny_mistral, out, overwrite=True)
-    assert C.compare(tiny_mistral, out).equal
+    assert compare(tiny_mistral, out).equal
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp or old dirs left
 
 
@@ -173,7 +174,7 @@ def test_load_check_names_missing_keys(tiny_mistral, tmp_path):
     out = C.write_checkpoint(tmp_path / "o", [C.copied(src, n) for n in src.keys() if n != gone],
                              config=src.config, like=src)
     with pytest.raises(CheckpointError, match=r"missing_keys: \['model\.layers\.3\.self_attn\.q_proj\.weight'\]"):
-        C.load_check(out)
+        load_check(out)
 
 
 @pytest.mark.parametrize("argv, message", [

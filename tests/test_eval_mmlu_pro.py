@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.verify import load_check
 from helpers.eval import mmlu_pro, results
 from helpers.eval.mmlu_pro import Question, TaskResult, extract_answer
 from tests.eval_fixtures import tiny_mmlu, tiny_rows  # noqa: F401
@@ -113,7 +114,7 @@ def test_results_merge_tasks_and_samples(tmp_path, tiny_mistral):
     assert set(doc["results"]) == {"mmlu_pro_cloze", "mmlu_pro_cot"}
     assert doc["results"]["mmlu_pro_cloze"]["acc"] == 0.75 and doc["results"]["mmlu_pro_cot"]["n_unparsed"] == 2
     assert doc["speed"] == {"decode_tok_s": 1.0}  # kept when a later run measures none
-    assert doc["config"]["params"] == sum(p.numel() for p in __import__("helpers").checkpoint.load_check(tiny_mistral).parameters())
+    assert doc["config"]["params"] == sum(p.numel() for p in load_check(tiny_mistral).parameters())
     rows = results.read_samples(out, "mmlu_pro_cot")
     assert [r["pred"] for r in rows] == ["A", None, "B", None]
     assert set(rows[0]) == {"question_id", "category", "answer", "pred", "output"}

@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 
 from helpers import synth
 from helpers import expert_scores as xs
-from helpers.checkpoint import Checkpoint, compare, load_check
+from helpers.checkpoint import Checkpoint
+from helpers.verify import compare, load_check
 from helpers.experts import fingerprint
 from helpers.manifest import Manifest, load, output_path
 

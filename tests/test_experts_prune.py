@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from helpers import arch, synth
 from helpers import expert_prune as xp
 from helpers import expert_scores as xs
-from helpers.checkpoint import Checkpoint, compare, load_check, shard_map
+from helpers.checkpoint import Checkpoint
+from helpers.verify import compare, load_check, shard_map
 from helpers.cli import main
 
 TEXTS = ["question : what is 3 plus 4 ? answer : 7 .", "sort these words : pear , fig , kiwi , apple , 9 , 2"]

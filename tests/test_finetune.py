@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import arch, checkpoint, finetune
+from helpers import arch, finetune, verify
 from helpers import expert_scores as xs
 from helpers.checkpoint import Checkpoint
 
@@ -113,7 +113,7 @@ def test_adapter_holds_per_expert_factors(mixtral_run):
 
 def test_merged_changes_exactly_experts_and_attention(mixtral_run):
     base, _, merged = mixtral_run
-    c = checkpoint.compare(base, merged)
+    c = verify.compare(base, merged)
     assert not c.only_a and not c.only_b  # legacy expert keys, same names as the base
     experts = {n for n in Checkpoint(base).keys() if arch.LEGACY_EXPERT_RE.match(n)}
     attention = _names(base, ATTN_RE)
@@ -153,10 +153,10 @@ def test_merged_loads_cleanly_and_equals_peft_logits(mixtral_run):
     base, res, merged = mixtral_run
     ids = _tok(base)("what is 3 plus 2 ? the answer is 5 .", return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = checkpoint.load_check(base).eval()
+        ref = verify.load_check(base).eval()
         base_logits = ref(ids).logits
         peft_logits = PeftModel.from_pretrained(ref, str(res.adapter_dir)).eval()(ids).logits
-        merged_logits = checkpoint.load_check(merged).eval()(ids).logits
+        merged_logits = verify.load_check(merged).eval()(ids).logits
     assert (merged_logits - peft_logits).abs().max().item() <= 1e-5
     assert (merged_logits - base_logits).abs().max().item() > 1e-3  # the adapter did something
 
@@ -170,7 +170,7 @@ def test_healing_presets_change_only_their_targets(tmp_path, tiny_mistral, name,
                               grad_accum=1, max_length=48)
     assert res.preset["lr"] == 3e-6
     merged = finetune.merge_adapter(tiny_mistral, res.adapter_dir, tmp_path / "merged")
-    c = checkpoint.compare(tiny_mistral, merged)
+    c = verify.compare(tiny_mistral, merged)
     pattern = r"\.(" + "|".join(targets) + r")\.weight$"
     assert not c.only_a and not c.only_b
     assert set(c.differ) == _names(tiny_mistral, pattern)
@@ -204,8 +204,8 @@ def test_qlora_one_step_on_cpu(tmp_path, tiny_mixtral):
                               steps=1, batch_size=2, grad_accum=1, max_length=32, logging_steps=1)
     assert res.metrics["weight_bytes"]["uint8"] > 0 and len(res.losses) == 1
     merged = finetune.merge_adapter(tiny_mixtral, res.adapter_dir, tmp_path / "merged")
-    checkpoint.load_check(merged)
-    assert set(checkpoint.compare(tiny_mixtral, merged).differ) >= _names(tiny_mixtral, ATTN_RE)
+    verify.load_check(merged)
+    assert set(verify.compare(tiny_mixtral, merged).differ) >= _names(tiny_mixtral, ATTN_RE)
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -278,4 +278,4 @@ def test_notebook_01_runs_on_a_fixture_world(tmp_path, tiny_mixtral):
     assert {"adapter", "merged", "loss_curve"} <= set(m["outputs"])
     assert all(Path(o["path"]).exists() for o in m["outputs"].values())
     assert m["metrics"]["changed"]["router"] == 0 and m["metrics"]["changed"]["expert w2"] > 0
-    checkpoint.load_check(m["outputs"]["merged"]["path"])
+    verify.load_check(m["outputs"]["merged"]["path"])

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import cli, layers, synth
-from helpers.checkpoint import Checkpoint, load_check
+from helpers.checkpoint import Checkpoint
+from helpers.verify import load_check
 
 TEXTS = [
     "question : what is 3 plus 4 ? answer : 7 .",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import runner
-from helpers.checkpoint import Checkpoint, compare, load_check
+from helpers.checkpoint import Checkpoint
+from helpers.verify import compare, load_check
 from helpers.manifest import load, output_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import toy, toy_tasks
-from helpers.checkpoint import Checkpoint, load_check
+from helpers.checkpoint import Checkpoint
+from helpers.verify import load_check
 from helpers.manifest import load as load_manifest
 from helpers.toy_train import encode_pairs
 

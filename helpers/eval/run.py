@@ -59,7 +59,7 @@ def load_model(path, dtype: str | None = None, device: str | None = None):
     """(model, tokenizer) from a checkpoint dir; fails on missing/unexpected keys. dtype '4bit' uses bitsandbytes."""
     from transformers import AutoTokenizer
 
-    from helpers.checkpoint import load_check
+    from helpers.verify import load_check
 
     path = check_model_dir(path)
     device = device or default_device()
