@@ -77,3 +77,15 @@ def test_undeclared_parameter_and_bad_selection_refused(lab):
         runner.run("nope", root=lab)
     with pytest.raises(ValueError, match="NN.KEY=VALUE"):
         runner.parse_overrides(["X=1"])
+
+
+@pytest.mark.parametrize("preset", ["toy", "smoke", "gpu"])
+def test_shipped_presets_only_set_declared_parameters(preset):
+    root = Path(__file__).resolve().parents[1]
+    cfg = runner.load_preset(preset, root)
+    nbs = runner.notebooks(root)
+    assert [p.name[:2] for p in nbs] == ["01", "02", "03", "04", "05", "06"]
+    assert set(cfg["notebooks"]) == {p.name[:2] for p in nbs}
+    for nb in nbs:  # raises naming the notebook and parameter on a typo
+        params = runner.parameters(preset, cfg, nb, f"runs/{preset}", {})
+        assert params["RUN_DIR"] == f"runs/{preset}/{nb.stem}"
