@@ -1,6 +1,6 @@
 """Notebook plumbing: one call at the top of every notebook (repo root as cwd, plot style, seeds).
 
-Usage: `from helpers import nb; ROOT = nb.setup()`
+Usage: `from helpers import nb; ROOT = nb.setup()`; last cell: `nb.findings(manifest, ["metric", ...])`
 """
 
 from __future__ import annotations
@@ -53,3 +53,33 @@ def setup(seed: int = 0, quiet: bool = True) -> Path:
         except ImportError:
             pass
     return root
+
+
+def _fmt(v) -> str:
+    import json
+
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return json.dumps(v, default=str)[:300]
+    return str(v)
+
+
+def findings(manifest, keys: list[str], path=None):
+    """This run's headline numbers from the manifest's metrics, as a table a report ends with.
+
+    `keys` are metric names; a dotted name reaches into a nested metric ("heal_loss.FULL").
+    """
+    from IPython.display import Markdown, display
+
+    data = manifest.data if hasattr(manifest, "data") else manifest
+    rows = []
+    for k in keys:
+        v = data["metrics"]
+        for part in k.split("."):
+            v = v.get(part, "—") if isinstance(v, dict) else "—"
+        rows.append(f"| {k} | {_fmt(v)} |")
+    where = f"\n\nManifest: `{path}`" if path else ""
+    display(Markdown("| this run | value |\n|---|---|\n" + "\n".join(rows) + where))
