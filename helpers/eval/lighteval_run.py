@@ -15,6 +15,7 @@ Usage: `tasks = run_lighteval("runs/toy/world/mistral", questions, shots, "eval_
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 import types
@@ -146,6 +147,7 @@ def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_siz
 
         device = str(next(model.parameters()).device) if in_memory else ("cuda" if torch.cuda.is_available() else "cpu")
     le_out = Path(out_dir) / "lighteval"
+    shutil.rmtree(le_out, ignore_errors=True)  # its files are timestamped: keep only this run's
     n_choices = max(len(q.options) for q in questions)
     out = []
     with tempfile.TemporaryDirectory(prefix="lighteval-") as tmp:
