@@ -12,25 +12,13 @@ Usage: `PYTHONPATH=. python bench/routing.py [--hidden 512] [--layers 16] [--new
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 
 from helpers import routing, synth
-
-
-def drop(full, keep: list[int]):
-    """A copy of `full` keeping decoder layers `keep` (config fixed, layer_idx renumbered)."""
-    m = copy.deepcopy(full)
-    m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
-    m.config.num_hidden_layers = len(keep)
-    if getattr(m.config, "layer_types", None):
-        m.config.layer_types = [m.config.layer_types[i] for i in keep]
-    for j, layer in enumerate(m.model.layers):
-        layer.self_attn.layer_idx = j
-    return m.eval()
+from helpers.layers import keep_layers_copy
 
 
 def main() -> None:
@@ -53,8 +41,8 @@ def main() -> None:
     n_drop = round(0.25 * L)
     block = list(range(L - 1 - n_drop, L - 1))  # the n layers before the last
     half = block[: len(block) // 2]
-    stages = {"A": drop(full, [i for i in range(L) if i not in block]),
-              "AB": drop(full, [i for i in range(L) if i not in block or i in half]), "FULL": full}
+    stages = {"A": keep_layers_copy(full, [i for i in range(L) if i not in block]),
+              "AB": keep_layers_copy(full, [i for i in range(L) if i not in block or i in half]), "FULL": full}
     tok = synth.tiny_tokenizer()
     th = routing.Thresholds(0.0, 0.0, "manual", None, 0, "bench")
     router = routing.Router(stages, tok, th)

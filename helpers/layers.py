@@ -74,6 +74,25 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 # ---- angular distances ----------------------------------------------------------------------
+def keep_layers_copy(model, keep: list[int]):
+    """A deep copy of `model` with only decoder layers `keep`, ready for cached generation.
+
+    Everything transformers needs when layers go (facts.md): a new ModuleList, num_hidden_layers,
+    layer_types sliced, and each attention's layer_idx renumbered 0..n-1 (else cached generate
+    indexes past the cache). For stages that share weights, see bundles.load_stages.
+    """
+    import copy
+
+    m = copy.deepcopy(model)
+    m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
+    m.config.num_hidden_layers = len(keep)
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = [m.config.layer_types[i] for i in keep]
+    for j, layer in enumerate(m.model.layers):
+        layer.self_attn.layer_idx = j
+    return m.eval()
+
+
 def encode(tokenizer, texts: list[str], seq_len: int, padding_side: str | None = None) -> dict:
     """input_ids, attention_mask and position_ids [B, S]; positions count real tokens only, so a
     left-padded row sees the same positions as a right-padded one."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -18,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import routing, stage_scoring, synth
+from helpers import layers, routing, stage_scoring, synth
 from helpers.checkpoint import copy_checkpoint
 from helpers.eval import mmlu_pro
 from helpers.routing import STAGES, Router, Thresholds
@@ -30,23 +29,11 @@ HEADER = re.compile(r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tok
                     re.M)
 
 
-def sub_model(full, keep: list[int]):
-    """A deep copy of `full` keeping decoder layers `keep` (config fixed, layer_idx renumbered)."""
-    m = copy.deepcopy(full)
-    m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
-    m.config.num_hidden_layers = len(keep)
-    if getattr(m.config, "layer_types", None):
-        m.config.layer_types = [m.config.layer_types[i] for i in keep]
-    for j, layer in enumerate(m.model.layers):
-        layer.self_attn.layer_idx = j
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def stages():
     """Stand-in stages of an 8-layer random Mistral: FULL, AB (layer 6 dropped), A (layers 4-6 dropped)."""
     full = synth.random_model(synth.tiny_config("mistral"), seed=3, std=0.1)
-    return {"A": sub_model(full, [0, 1, 2, 3, 7]), "AB": sub_model(full, [0, 1, 2, 3, 4, 5, 7]), "FULL": full}
+    return {"A": layers.keep_layers_copy(full, [0, 1, 2, 3, 7]), "AB": layers.keep_layers_copy(full, [0, 1, 2, 3, 4, 5, 7]), "FULL": full}
 
 
 @pytest.fixture(scope="module")
