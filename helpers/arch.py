@@ -1,6 +1,6 @@
 """Model families as data: tensor-name templates, config keys and on-disk expert formats.
 
-Usage: `fam = arch.detect("runs/toy/world/mixtral"); fam.layer_key(3, "self_attn.q_proj.weight")`
+Usage: `fam = arch.detect("runs/toy/world/mixtral"); fam.moe_format(Checkpoint(d).keys()) is arch.LEGACY`
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 LEGACY_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 FUSED_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # gate, down, up (Mixtral naming)
+# Which legacy weights a fused tensor holds, in row order: gate_up_proj [E, 2I, H] is w1 rows then w3.
+FUSED_ROLES = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
+# Config fields that say nothing about which weights a config describes (re-saves change them).
+COSMETIC_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                        "use_cache", "output_hidden_states", "output_attentions", "return_dict")
 
 
 class UnsupportedModel(ValueError):
@@ -58,10 +63,6 @@ class Family:
     @property
     def is_moe(self) -> bool:
         return self.experts_key is not None
-
-    @staticmethod
-    def layer_key(layer: int, suffix: str) -> str:
-        return f"model.layers.{layer}.{suffix}"
 
     def n_layers(self, config: dict) -> int:
         return int(config[self.layers_key])

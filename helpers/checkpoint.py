@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from helpers.fsutil import atomic_dir
+from helpers.fsutil import atomic_dir, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +113,27 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def local_dir(model) -> Path:
+    """A checkpoint directory on disk: `model` itself, or the hub snapshot of an `org/name` id.
+
+    The one place a hub id becomes a path (weights, configs, tokenizer files); anything that is
+    neither fails with one line naming it.
+    """
+    p = Path(model)
+    if p.is_dir():
+        return p
+    if p.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
+        raise FileNotFoundError(f"{model}: not a checkpoint directory (nor a hub id org/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=[
+            "*.safetensors", "*.json", "*.model", "*.jinja", "tokenizer*", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated: one line naming what was asked for
+        raise FileNotFoundError(f"{model}: no such checkpoint directory, and not fetchable from the hub "
+                                f"({type(e).__name__})") from None
+
+
 class Checkpoint:
     """Lazy, index-first view of a safetensors checkpoint directory (single file or sharded)."""
 
@@ -124,22 +145,19 @@ class Checkpoint:
         self.config: dict = json.loads(cfg.read_text()) if cfg.exists() else {}
         index_path = self.path / INDEX
         if index_path.exists():
-            index = json.loads(index_path.read_text())
-            weight_map: dict[str, str] = index["weight_map"]
-            self.index_metadata: dict = index.get("metadata", {})
+            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
         elif (self.path / SINGLE).exists():
-            weight_map, self.index_metadata = None, {}
+            weight_map = None
         else:
             raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE}")
         self.shards: list[str] = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-        self.shard_metadata: dict[str, dict] = {}
         infos: dict[str, TensorInfo] = {}
         for shard in self.shards:
             p = self.path / shard
             if not p.exists():
                 raise CheckpointError(f"{self.path}: shard {shard} named in {INDEX} is missing")
             header, base = read_header(p)
-            self.shard_metadata[shard] = header.pop("__metadata__", None) or {}
+            header.pop("__metadata__", None)
             for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 if weight_map is None or weight_map.get(name) == shard:
                     a, b = h["data_offsets"]
@@ -272,6 +290,7 @@ def _copy_range(src: Path, start: int, end: int, dst) -> None:
     with open(src, "rb") as f:
         left, off = end - start, start
         while left > 0:
+            dst.flush()  # the kernel copy writes at the fd's offset: nothing may sit in Python's buffer
             try:
                 n = os.copy_file_range(f.fileno(), dst.fileno(), left, off)
             except OSError:  # cross-device on old kernels, unsupported fs: plain copy
@@ -310,7 +329,6 @@ def _write_shard(path: Path, entries: list[Entry], metadata: dict, bar) -> None:
         f.write(raw)
         for e in entries:
             if e.src is not None:
-                f.flush()
                 ranges = e.src[1] if isinstance(e.src[1], list) else [e.src[1:]]
                 for start, end in ranges:
                     _copy_range(e.src[0], start, end, f)
@@ -342,14 +360,15 @@ def _split(entries: list[Entry], n: int) -> list[list[Entry]]:
 
 def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Checkpoint | None = None,
                      max_shard_size=None, n_shards: int | None = None, side_files_from=None, overwrite: bool = False,
-                     metadata: dict | None = None, desc: str = "write") -> Path:
+                     extra_json: dict[str, dict] | None = None, desc: str = "write") -> Path:
     """Write `entries` as an HF safetensors checkpoint at `out`, atomically.
 
     Mode `mirror` (default when `like` is given and no `max_shard_size`): the same shard files as
     `like`, each entry in the shard named by `entry.shard`. Mode `max_size`: entries packed in
     order into shards of at most `max_shard_size` bytes (a larger single tensor gets its own).
     Mode `n_shards`: entries cut in order into that many shards of about equal size.
-    Config, generation config and tokenizer files come from `side_files_from` (default `like`).
+    Config, generation config and tokenizer files come from `side_files_from` (default `like`);
+    `extra_json` ({file name: object}) lands in the same atomic directory (records, plans).
     """
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -369,7 +388,7 @@ def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Ch
         packed = _pack(entries, parse_size(max_shard_size or "5GB"))
         n = len(packed)
         files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(packed)]
-    meta = {"format": "pt", **(metadata or {})}
+    meta = {"format": "pt"}
     total = sum(e.nbytes for e in entries)
     side = Path(side_files_from) if side_files_from else (like.path if like else None)
     out = Path(out)
@@ -387,6 +406,8 @@ def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Ch
             for f in SIDE_FILES:
                 if (side / f).exists():
                     shutil.copy2(side / f, tmp / f)
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
     return out
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers import arch
-from helpers.checkpoint import DTYPES, Checkpoint
+from helpers.checkpoint import DTYPES, Checkpoint, local_dir  # noqa: F401  (callers import it from here)
 
 if TYPE_CHECKING:
     import torch
@@ -142,16 +141,3 @@ class ExpertView:
         self.ck.close()
 
 
-def local_dir(model) -> Path:
-    """A checkpoint directory on disk: `model` itself, or the hub snapshot of a repo id (weights + json)."""
-    p = Path(model)
-    if p.is_dir():
-        return p
-    if p.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
-        raise FileNotFoundError(f"{model}: not a checkpoint directory (nor a hub id org/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(model), allow_patterns=["*.safetensors", "*.json", "*.model", "*.jinja"]))
-    except Exception as e:  # offline, unknown repo, no access: one line naming what was asked for
-        raise FileNotFoundError(f"{model}: no such checkpoint directory, and not fetchable from the hub ({type(e).__name__})") from None

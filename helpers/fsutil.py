@@ -16,6 +16,16 @@ from pathlib import Path
 CHUNK = 8 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkdtemp/mkstemp create 0700/0600 entries; outputs get the modes a plain mkdir/open would.
+_DIR_MODE, _FILE_MODE = 0o777 & ~_umask(), 0o666 & ~_umask()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -71,6 +81,7 @@ def atomic_dir(target, overwrite: bool = False):
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         fsync_tree(tmp)
@@ -91,15 +102,15 @@ def atomic_dir(target, overwrite: bool = False):
         raise
 
 
-def write_json(path, obj, indent: int = 2) -> Path:
-    """Write JSON atomically (temp file + rename), creating parent dirs."""
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically (temp file + fsync + rename), creating parent dirs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, sort_keys=False, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +118,16 @@ def write_json(path, obj, indent: int = 2) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path, obj, indent: int = 2) -> Path:
+    """Write JSON atomically, creating parent dirs."""
+    return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def write_jsonl(path, rows) -> Path:
+    """Write one JSON object per line, atomically."""
+    return write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def read_json(path) -> dict:

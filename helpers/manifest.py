@@ -97,9 +97,6 @@ class Manifest:
         finally:
             self.data["timings_s"][name] = round(time.perf_counter() - t, 3)
 
-    def __getitem__(self, k):
-        return self.data[k]
-
     def save(self, run_dir) -> Path:
         return write_json(Path(run_dir) / FILENAME, self.data)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from helpers.fsutil import write_json
 from helpers.nb import repo_root
 
 KERNEL = "pruning-lab"
@@ -156,31 +157,40 @@ def run(preset: str = "toy", only: str | None = None, out: str | None = None, ov
     plan = [(nb, parameters(preset, cfg, nb, run_root, overrides or {})) for nb in chosen]  # fail before running
     if cfg.get("toy_world"):
         build_world(cfg["toy_world"], root)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if str(root) not in paths:  # kernels import this tree's helpers, whatever is installed
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), *paths]))
     dest = root / run_root / "notebooks"
     dest.mkdir(parents=True, exist_ok=True)
     kernel, done, timings = kernel_name(), [], {}
-    for i, (nb, params) in enumerate(plan, 1):
-        target = dest / nb.name
-        print(f"[{i}/{len(plan)}] {nb.stem}", flush=True)
-        t = time.perf_counter()
-        try:
-            pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(root), kernel_name=kernel,
-                                progress_bar=True, log_output=False, request_save_on_cell_execute=True)
-        except PapermillExecutionError as e:
-            print(f"\nFAILED {nb.stem}, cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                  f"partial notebook: {target}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        timings[nb.stem] = round(time.perf_counter() - t, 1)
-        tidy_streams(target)
-        if html:
-            to_html(target)
-        print(f"[{i}/{len(plan)}] {nb.stem} done in {timings[nb.stem]:.0f} s -> {target}", flush=True)
-        done.append(target)
-    log = dest / "run.json"  # merged, so `--only` runs add to the record of earlier ones
-    previous = json.loads(log.read_text()).get("timings_s", {}) if log.exists() else {}
-    log.write_text(json.dumps({"preset": preset, "timings_s": {**previous, **timings}}, indent=2) + "\n")
+    try:
+        for i, (nb, params) in enumerate(plan, 1):
+            target = dest / nb.name
+            print(f"[{i}/{len(plan)}] {nb.stem}", flush=True)
+            t = time.perf_counter()
+            try:
+                pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(root), kernel_name=kernel,
+                                    progress_bar=True, log_output=False, request_save_on_cell_execute=True)
+            except PapermillExecutionError as e:
+                _failed(nb, f"cell {e.exec_count}: {e.ename}: {e.evalue}", target)
+            except Exception as e:  # a dead kernel (out of memory), a broken notebook file, ...
+                _failed(nb, f"{type(e).__name__}: {e}", target)
+            timings[nb.stem] = round(time.perf_counter() - t, 1)
+            tidy_streams(target)
+            if html:
+                to_html(target)
+            print(f"[{i}/{len(plan)}] {nb.stem} done in {timings[nb.stem]:.0f} s -> {target}", flush=True)
+            done.append(target)
+    finally:  # merged, so `--only` runs and runs that stopped early add to the record of earlier ones
+        log = dest / "run.json"
+        previous = json.loads(log.read_text()).get("timings_s", {}) if log.exists() else {}
+        write_json(log, {"preset": preset, "timings_s": {**previous, **timings}})
     return done
+
+
+def _failed(nb: Path, what: str, partial: Path):
+    print(f"\nFAILED {nb.stem}, {what}\npartial notebook: {partial}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def cli_run(args) -> int:

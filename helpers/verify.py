@@ -41,7 +41,7 @@ def compare(a, b) -> Comparison:
     ca, cb = Checkpoint(a), Checkpoint(b)
     ka, kb = set(ca.keys()), set(cb.keys())
     differ, n_equal = [], 0
-    for n in tqdm(sorted(ka & kb, key=ca._order), desc="compare", leave=False):
+    for n in tqdm([n for n in ca.keys() if n in kb], desc="compare", leave=False):  # shard order
         ia, ib = ca.info(n), cb.info(n)
         same = (ia.dtype, ia.shape) == (ib.dtype, ib.shape) and tensor_sha256(ca, n) == tensor_sha256(cb, n)
         if same:
@@ -111,6 +111,6 @@ def cli_compare(args) -> int:
 
 
 def cli_load_check(args) -> int:
-    model = load_check(args.model)
+    model = load_check(args.model, dtype="auto", own=False)  # a key check: no fp32 upcast, no copies
     print(f"{args.model}: loads cleanly ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

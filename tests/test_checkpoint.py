@@ -88,9 +88,14 @@ def test_existing_target_refused_unless_overwrite(tiny_mistral, tmp_path):
     out = C.copy_checkpoint(tiny_mistral, tmp_path / "o")
     with pytest.raises(FileExistsError, match="overwrite"):
         C.copy_checkpoint(tiny_mistral, out)
-    C.copy_checkpoint(tiny_mistral, out, overwrite=True)
-    assert compare(tiny_mistral, out).equal
+    before = Checkpoint(out).shards
+    C.copy_checkpoint(tiny_mistral, out, overwrite=True, max_shard_size=20_000)  # a different layout replaces it
+    assert Checkpoint(out).shards != before and compare(tiny_mistral, out).equal
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp or old dirs left
+    umask = os.umask(0)
+    os.umask(umask)  # outputs get the modes plain mkdir/open give, not mkdtemp's 0700
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / C.INDEX).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 KILL_SCRIPT = textwrap.dedent("""
