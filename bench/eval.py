@@ -25,26 +25,21 @@ import torch  # noqa: E402
 
 from helpers import synth  # noqa: E402
 from helpers.eval import lighteval_run, mmlu_pro  # noqa: E402
-from helpers.eval.run import load_model  # noqa: E402
+from helpers.verify import load_model  # noqa: E402
 
 FILLER = "consider the following carefully and pick the single best option from the list below".split()
+CATEGORIES = ("math", "physics", "law", "history")
 
 
-def synthetic_rows(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """MMLU-Pro-shaped rows: 10 options, questions of ~40 words (real ones are longer still)."""
+def bench_rows(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """MMLU-Pro-shaped rows (`mmlu_pro.synthetic_rows`): 10 options, questions lengthened to ~40 words
+    (real ones are longer still); at least n test questions."""
+    test, val = mmlu_pro.synthetic_rows(-(-n // len(CATEGORIES)), categories=CATEGORIES, n_options=(10, 10),
+                                        pad_prob=0.0, seed=seed)
     rnd = random.Random(seed)
-    cats = ["math", "physics", "law", "history"]
-    rows = []
-    for i in range(n + 5 * len(cats)):
-        a, b = rnd.randint(10, 99), rnd.randint(10, 99)
-        opts = [str(a + b + d) for d in rnd.sample(range(-20, 21), 10)]
-        idx = rnd.randrange(10)
-        opts[idx] = str(a + b) if str(a + b) not in opts else opts[idx]
-        idx = opts.index(str(a + b)) if str(a + b) in opts else idx
-        q = " ".join(rnd.choices(FILLER, k=30)) + f" : what is {a} plus {b} ?"
-        rows.append(dict(question_id=i, question=q, options=opts, answer=mmlu_pro.LETTERS[idx], answer_index=idx,
-                         category=cats[i % len(cats)], src="bench", cot_content="A: Let's think step by step."))
-    return rows[5 * len(cats):], rows[: 5 * len(cats)]
+    for r in test + val:
+        r["question"] = " ".join(rnd.choices(FILLER, k=30)) + " : " + r["question"]
+    return test, val
 
 
 def main() -> int:
@@ -60,9 +55,9 @@ def main() -> int:
             synth.tiny_config("mistral", hidden_size=128, intermediate_size=384, num_hidden_layers=8,
                               max_position_embeddings=1024), tmp / "model", n_shards=2, seed=0)
         model, tok = load_model(model_dir, "float32", "cpu")
-        test, val = synthetic_rows(args.questions)
+        test, val = bench_rows(args.questions)
         data = mmlu_pro.write_dataset(tmp / "mmlu_pro", test, val)
-        qs, shots = mmlu_pro.load(data)
+        qs, shots = mmlu_pro.load(data, limit=args.questions)
         mmlu_pro.score_loglik(model, tok, qs[:2], progress=False)  # warm-up
         t = time.perf_counter()
         ours = mmlu_pro.score_loglik(model, tok, qs, batch_size=args.batch_size, progress=False)

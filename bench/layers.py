@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cp_cmd, timed  # noqa: E402
 from helpers import bundles, layers, synth  # noqa: E402
 from helpers.checkpoint import Checkpoint  # noqa: E402
-from helpers.fsutil import dir_bytes, fsync_tree  # noqa: E402
+from helpers.fsutil import dir_bytes  # noqa: E402
 
 WORDS = synth._CORPUS.split()
 
@@ -148,12 +149,9 @@ def child(*argv) -> dict:
 
 
 def cp(src: Path, dst: Path, sync: bool) -> float:
+    """Seconds of `cp -r` (with `sync`: then fsync of the copy, as durable as our atomic writer)."""
     shutil.rmtree(dst, ignore_errors=True)
-    t = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    if sync:
-        fsync_tree(dst)
-    return time.perf_counter() - t
+    return timed(cp_cmd(src, dst) if sync else ["cp", "-r", str(src), str(dst)])[0]
 
 
 def bench_surgery(work: Path, cfg, repeats: int) -> dict:

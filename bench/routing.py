@@ -19,6 +19,7 @@ import torch
 
 from helpers import routing, synth
 from helpers.layers import keep_layers_copy
+from helpers.verify import default_device, default_dtype
 
 
 def main() -> None:
@@ -31,8 +32,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dev = default_device()
+    dtype = getattr(torch, default_dtype(dev))
     L = args.layers
     cfg = synth.tiny_config("mistral", hidden_size=args.hidden, intermediate_size=int(args.hidden * 3.5),
                             num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),

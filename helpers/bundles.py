@@ -33,17 +33,14 @@ from torch import nn
 
 from helpers import arch
 from helpers.checkpoint import Checkpoint, Entry, computed, copied, torch_dtype, write_checkpoint
+from helpers.fsutil import read_json, write_json
 from helpers.verify import load_check
-from helpers.fsutil import atomic_dir, read_json, write_json
 
 RECORD = "layer_drop.json"
 BUNDLE = "bundle.json"
 STAGE = "stage.json"
 RECORD_FORMAT = "layer-drop/1"
 BUNDLE_FORMAT = "layer-bundle/1"
-# Fields that say nothing about which weights a config belongs to.
-COSMETIC_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache",
-                 "output_hidden_states", "output_attentions", "return_dict")
 EMBED_ROWS = 64
 
 
@@ -59,7 +56,7 @@ def config_sha256(config: dict) -> str:
         d = AutoConfig.for_model(fam.model_type, **kw).to_dict()
     except Exception:  # noqa: BLE001 - an odd config still hashes, just less canonically
         pass
-    d = {k: v for k, v in d.items() if k not in (fam.layers_key, *fam.per_layer_lists, *COSMETIC_KEYS)}
+    d = {k: v for k, v in d.items() if k not in (fam.layers_key, *fam.per_layer_lists, *arch.COSMETIC_CONFIG_KEYS)}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -86,19 +83,6 @@ def _short(fp: dict) -> str:
 
 
 # ---- writing --------------------------------------------------------------------------------
-def write_checkpoint_dir(out, entries, extra_json: dict[str, dict], *, overwrite: bool = False, **kw) -> Path:
-    """`checkpoint.write_checkpoint` plus JSON files beside the weights, all in one atomic rename."""
-    out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        inner = write_checkpoint(tmp / "weights", entries, **kw)
-        for p in list(inner.iterdir()):
-            p.rename(tmp / p.name)
-        inner.rmdir()
-        for name, obj in extra_json.items():
-            write_json(tmp / name, obj)
-    return out
-
-
 def largest_shard(ck: Checkpoint) -> int:
     """Bytes of the source's largest shard: outputs keep about the same shard size."""
     sizes: dict[str, int] = {}
@@ -143,8 +127,8 @@ def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dic
         meta = {"format": BUNDLE_FORMAT, "name": name, "model_type": base["model_type"], "layers": list(layers),
                 "n_layers_base": arch.detect(src.config).n_layers(src.config), "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
                 "n_tensors": len(entries), "base": base}
-        write_checkpoint_dir(out / name, entries, {BUNDLE: meta}, config=None, n_shards=1, overwrite=overwrite,
-                             desc=f"bundle {name}")
+        write_checkpoint(out / name, entries, config=None, n_shards=1, overwrite=overwrite, extra_json={BUNDLE: meta},
+                         desc=f"bundle {name}")
     write_json(out / RECORD, record)
     return out
 
@@ -189,13 +173,16 @@ def default_stages(record: dict) -> list[str]:
     return ["A"] + ["A" + "".join(names[:k]) for k in range(1, len(names))] + ["FULL"]
 
 
-def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str) -> dict:
-    """bundle.json of bundle `name`, checked against stage A (model type, base, layers)."""
+def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str, a_fp: dict | None = None) -> dict:
+    """bundle.json of bundle `name`, checked against stage A (model type, base, layers).
+
+    `a_fp`: `fingerprint(a)` when the caller already has it (it reads embedding rows).
+    """
     bdir = Path(bundles_dir) / name
     if not (bdir / BUNDLE).exists():
         raise FileNotFoundError(f"{bdir}: no {BUNDLE} (bundles there: {[p.name for p in existing_bundles(bundles_dir)]})")
     meta = read_json(bdir / BUNDLE)
-    a_fp = fingerprint(a)
+    a_fp = a_fp or fingerprint(a)
     if meta.get("model_type") != a_fp["model_type"]:
         raise ValueError(f"bundle {bdir} holds {meta.get('model_type')!r} layers but stage A {a.path} is a "
                          f"{a_fp['model_type']!r} model")
@@ -207,15 +194,23 @@ def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str) -> dict:
     return meta
 
 
-def check_stage_a(a: Checkpoint, record: dict) -> None:
+def check_stage_a(a: Checkpoint, record: dict, a_fp: dict | None = None) -> None:
     """Stage A is the model the record describes: same base, as many layers as it keeps."""
-    a_fp = fingerprint(a)
+    a_fp = a_fp or fingerprint(a)
     if not _same_base(record.get("base", {}), a_fp):
         raise ValueError(f"{RECORD} describes another base ({_short(record.get('base', {}))}, from "
                          f"{record.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
     n_a = arch.detect(a.config).n_layers(a.config)
     if n_a != len(record["kept"]):
         raise ValueError(f"stage A {a.path} has {n_a} layers, {RECORD} keeps {len(record['kept'])}")
+
+
+def check_inputs(a: Checkpoint, record: dict, bundles_dir, names: list[str]) -> None:
+    """Every check before any weight is read: the bundles `names`, then stage A, against one fingerprint of A."""
+    a_fp = fingerprint(a)
+    for b in names:
+        check_bundle(a, record, bundles_dir, b, a_fp)
+    check_stage_a(a, record, a_fp)
 
 
 def stage_config(a_config: dict, record: dict, layers: list[int]) -> dict:
@@ -334,9 +329,7 @@ def load_stages(a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=to
     record = read_record(a_dir, bundles_dir)
     stages = list(stages or default_stages(record))
     need = [b for b in bundle_names(record) if any(b in stage_bundles(record, s) for s in stages)]
-    for b in need:  # every check before any weight is read
-        check_bundle(a, record, bundles_dir, b)
-    check_stage_a(a, record)
+    check_inputs(a, record, bundles_dir, need)
     a_model = load_check(a_dir, dtype=dtype, own=own, **({"device_map": str(device)} if device else {})).eval()
     a_layers = list(a_model.base_model.layers)
     first = next(a_model.parameters())
@@ -369,9 +362,7 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
     record = read_record(a_dir, bundles_dir)
     layers = stage_layers(record, stage)
     bnames = stage_bundles(record, stage)
-    for b in bnames:
-        check_bundle(a, record, bundles_dir, b)
-    check_stage_a(a, record)
+    check_inputs(a, record, bundles_dir, bnames)
     pos = {orig: p for p, orig in enumerate(layers)}
     orig_of = {int(new): int(orig) for new, orig in record["kept"].items()}
     a_dtype = a.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in a else None
@@ -394,9 +385,9 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
     entries = [e for _, e in sorted(sources, key=lambda s: s[0])]
     info = {"stage": stage, "layers": layers, "bundles": bnames, "base": record["base"],
             "from": {"stage_a": str(a.path), "bundles": str(bundles_dir)}}
-    return write_checkpoint_dir(out, entries, {STAGE: info}, config=stage_config(a.config, record, layers),
-                                side_files_from=a.path, max_shard_size=largest_shard(a), overwrite=overwrite,
-                                desc=f"assemble {stage}")
+    return write_checkpoint(out, entries, config=stage_config(a.config, record, layers), side_files_from=a.path,
+                            max_shard_size=largest_shard(a), overwrite=overwrite, extra_json={STAGE: info},
+                            desc=f"assemble {stage}")
 
 
 def cli_assemble(args) -> int:

@@ -8,6 +8,8 @@ residual stream that a dropped tail would hand to the norm); `final_norm=True` a
 which is what `output_hidden_states` reports as its last entry. `plan_layer_drop` picks the block
 (pure, JSON); `apply_layer_drop` streams stage A and the removed layers as bundles (bundles.py).
 
+Models load through `verify.load_model`, checkpoint paths resolve through `checkpoint.local_dir`.
+
 Usage: `D = angular_distances(model, tok, texts); plan = plan_layer_drop(cfg, D, drop_frac=0.25); apply_layer_drop(src, plan, "A", "bundles")`
 """
 
@@ -22,51 +24,42 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from helpers import arch, bundles
-from helpers.checkpoint import Checkpoint, copied
-from helpers.fsutil import write_json
+from helpers.checkpoint import Checkpoint, copied, local_dir, write_checkpoint
+from helpers.eval.engine import model_device
+from helpers.fsutil import refuse_existing, write_json
+from helpers.verify import load_model
 
 PLAN_FORMAT = "layer-drop-plan/1"
 
 
-# ---- models and calibration text ------------------------------------------------------------
-def resolve_model_dir(model) -> Path:
-    """A local checkpoint directory for `model` (a path, or a hub id downloaded to the HF cache)."""
-    p = Path(model)
-    if p.is_dir():
-        return p
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
-    except Exception as e:  # offline, unknown repo, gated: one line naming the model
-        raise FileNotFoundError(f"{model}: not a local checkpoint directory, and fetching it from the hub failed "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def load_model(model, dtype=None, device=None):
-    """(model, tokenizer) in eval mode; fp32 on CPU, bf16 on CUDA unless `dtype` says otherwise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    path = resolve_model_dir(model)
-    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=str(device)).eval()
-    return m, AutoTokenizer.from_pretrained(str(path))
-
-
+# ---- calibration text and padding ----------------------------------------------------------
 def calib_texts(source, n: int | None = None, *, world="runs/toy/world", seed: int = 0) -> list[str]:
     """Calibration texts: a list of strings as is, else `helpers.data.load_texts(source, n, ...)`."""
     if isinstance(source, (list, tuple)):
         texts = [t for t in source if t]
         return texts[:n] if n else texts
-    try:
-        from helpers.data import load_texts
-    except ImportError:
-        raise ValueError(f"--calib {source!r} needs helpers.data.load_texts, which this tree lacks; "
-                         "pass a list of strings from Python") from None
+    from helpers.data import load_texts
+
     return load_texts(source, n, world=world, seed=seed)
+
+
+def ensure_pad(tokenizer):
+    """Give a tokenizer without a pad token (Mistral's) its EOS (else UNK) as pad; returns it."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] position ids counted over real tokens only, so a left-padded row sees the same RoPE
+    positions as the same text unpadded."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last real token of each row, whatever side the padding is on."""
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    return (mask.long() * pos).argmax(-1)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -96,8 +89,7 @@ def keep_layers_copy(model, keep: list[int]):
 def encode(tokenizer, texts: list[str], seq_len: int, padding_side: str | None = None) -> dict:
     """input_ids, attention_mask and position_ids [B, S]; positions count real tokens only, so a
     left-padded row sees the same positions as a right-padded one."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    ensure_pad(tokenizer)
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side or side
     try:
@@ -105,8 +97,7 @@ def encode(tokenizer, texts: list[str], seq_len: int, padding_side: str | None =
     finally:
         tokenizer.padding_side = side
     mask = enc["attention_mask"]
-    return {"input_ids": enc["input_ids"], "attention_mask": mask,
-            "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+    return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": positions(mask)}
 
 
 def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = 128, batch_size: int = 8,
@@ -119,12 +110,6 @@ def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = 128, batc
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     return [encode(tokenizer, [texts[i] for i in order[k:k + batch_size]], seq_len, padding_side)
             for k in range(0, len(order), batch_size)]
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last real token of each row, whatever side the padding is on."""
-    pos = torch.arange(mask.shape[-1], device=mask.device)
-    return (mask.long() * pos).argmax(-1)
 
 
 @torch.no_grad()
@@ -157,7 +142,7 @@ def angular_distances(model, tokenizer=None, texts=None, *, batches: list[dict] 
 
     handles = [layer.register_forward_pre_hook(pre_hook(l), with_kwargs=True) for l, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(post_hook))
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = torch.zeros(L + 1, L + 1, dtype=torch.float64, device=device)  # sum over samples of d(x_i, x_j)
     count = 0
     try:
@@ -197,17 +182,21 @@ def distances_from_json(obj: dict) -> np.ndarray:
     return D
 
 
+def best_start(D: np.ndarray, n: int, keep_last_layer: bool = False) -> int | None:
+    """Start l* of the n-layer block l..l+n-1 with the smallest distance D[n, l] (None: no block fits).
+
+    With `keep_last_layer` a block must end before the last layer.
+    """
+    L = D.shape[1]
+    last_start = L - n - 1 if keep_last_layer else L - n
+    return int(np.nanargmin(D[n, : last_start + 1])) if last_start >= 0 else None
+
+
 def min_distance_by_n(D: np.ndarray, keep_last_layer: bool = False) -> list[dict]:
     """For each block size n: the best start l* and its distance (what the search would pick)."""
     L = D.shape[1]
-    out = []
-    for n in range(1, L + 1):
-        last_start = L - n - 1 if keep_last_layer else L - n
-        if last_start < 0:
-            continue
-        l = int(np.nanargmin(D[n, : last_start + 1]))
-        out.append({"n": n, "l": l, "distance": float(D[n, l]), "frac": n / L})
-    return out
+    starts = {n: best_start(D, n, keep_last_layer) for n in range(1, L + 1)}
+    return [{"n": n, "l": l, "distance": float(D[n, l]), "frac": n / L} for n, l in starts.items() if l is not None]
 
 
 # ---- plan -----------------------------------------------------------------------------------
@@ -266,8 +255,7 @@ def plan_layer_drop(config: dict, distances: np.ndarray | None = None, *, drop_f
             raise ValueError("plan_layer_drop: no distance matrix; measure one (angular_distances) or give --layers")
         if distances.shape != (L + 1, L):
             raise ValueError(f"distance matrix has shape {distances.shape}, expected {(L + 1, L)} for {L} layers")
-        last_start = L - n - 1 if keep_last_layer else L - n  # a block l..l+n-1 must end before L-1
-        a = int(np.nanargmin(distances[n, : last_start + 1]))
+        a = best_start(distances, n, keep_last_layer)  # n < L: a block always fits
         b, selection = a + n - 1, "angular-distance"
     dropped = list(range(a, b + 1))
     kept = [i for i in range(L) if i not in dropped]
@@ -294,11 +282,8 @@ def check_targets(save_dir, save_removed_dir, overwrite: bool) -> None:
     a, b = Path(save_dir).resolve(), Path(save_removed_dir).resolve()
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(f"--save-dir {save_dir} and --save-removed-dir {save_removed_dir} must not contain each other")
-    if overwrite:
-        return
-    if a.exists():
-        raise FileExistsError(f"{save_dir} already exists; pass overwrite=True (--overwrite) to replace it")
-    if bundles.existing_bundles(b):
+    refuse_existing(save_dir, overwrite)
+    if not overwrite and bundles.existing_bundles(b):
         raise FileExistsError(f"{save_removed_dir} already holds bundles; pass overwrite=True (--overwrite) to replace them")
 
 
@@ -308,7 +293,7 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
     Tensors are copied byte for byte (renamed where renumbered); peak memory is one small slice.
     Both directories get `layer_drop.json` (the stage record bundles.py reads).
     """
-    src = Checkpoint(resolve_model_dir(model_dir))
+    src = Checkpoint(local_dir(model_dir))
     fam = arch.detect(src.config)
     L = fam.n_layers(src.config)
     if (plan.get("model_type"), plan.get("n_layers")) != (fam.model_type, L):
@@ -330,16 +315,16 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
             entries.append(copied(src, name))
         elif l in new_of:
             entries.append(copied(src, name, arch.renumber(name, new_of[l])))
-    a_dir = bundles.write_checkpoint_dir(
-        save_dir, entries, {bundles.RECORD: record}, config=arch.keep_layers_config(src.config, list(kept.values())),
-        side_files_from=src.path, max_shard_size=bundles.largest_shard(src), overwrite=overwrite, desc="stage A")
+    a_dir = write_checkpoint(save_dir, entries, config=arch.keep_layers_config(src.config, list(kept.values())),
+                             side_files_from=src.path, max_shard_size=bundles.largest_shard(src), overwrite=overwrite,
+                             extra_json={bundles.RECORD: record}, desc="stage A")
     b_dir = bundles.save_bundles(src, plan["bundles"], save_removed_dir, record, overwrite=overwrite)
     return a_dir, b_dir
 
 
 # ---- command line ---------------------------------------------------------------------------
 def cli_layer_drop(args) -> int:
-    src = resolve_model_dir(args.model)
+    src = local_dir(args.model)
     config = arch.read_config(src)
     L = arch.detect(config).n_layers(config)
     check_targets(args.save_dir, args.save_removed_dir, args.overwrite)

@@ -27,15 +27,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from helpers.arch import COSMETIC_CONFIG_KEYS
 from helpers.checkpoint import Checkpoint
+from helpers.eval.engine import model_device
 from helpers.fsutil import read_json, write_json
+from helpers.layers import ensure_pad, last_token_index, positions
 
 STAGES = ("A", "AB", "FULL")
 NEVER = -1.0  # entropy is >= 0, so a threshold of -1 routes nothing to its stage
 FORMAT = "pruning-lab/thresholds/v1"
 THRESHOLDS_FILE = "thresholds.json"
-# Config keys that change when a checkpoint is merely re-saved, not when the model changes.
-_VOLATILE = {"transformers_version", "_name_or_path", "architectures", "use_cache", "dtype", "torch_dtype"}
 
 
 # ---- entropy --------------------------------------------------------------------------------
@@ -45,33 +46,16 @@ def entropy_of_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    # [B, T] positions counted over real tokens only, so a left-padded row sees the same RoPE
-    # positions as the same prompt unpadded.
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def last_token_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] entropy of the next-token distribution after each row's last real token (left or right padding)."""
-    dev = _device(model)
+    dev = model_device(model)
     ids, mask = input_ids.to(dev), attention_mask.to(dev)
-    last = (mask.shape[1] - 1) - mask.long().flip(-1).argmax(-1)  # [B] index of each row's last 1
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+    last = last_token_index(mask)  # [B]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                                  use_cache=False).last_hidden_state  # [B, T, H]
     h = hidden[torch.arange(len(last), device=dev), last]  # [B, H]: only these rows go through the head
     return entropy_of_logits(model.get_output_embeddings()(h))  # [B]
-
-
-def ensure_pad(tokenizer):
-    """Give a tokenizer without a pad token (Mistral's) its EOS as pad; returns it."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _batches(texts: Sequence[str], batch_size: int, desc: str):
@@ -101,7 +85,7 @@ def fingerprint(model_dir, sample_bytes: int = 1 << 16) -> str:
     """
     ck = Checkpoint(model_dir)
     h = hashlib.sha256()
-    cfg = {k: v for k, v in ck.config.items() if k not in _VOLATILE}
+    cfg = {k: v for k, v in ck.config.items() if k not in COSMETIC_CONFIG_KEYS}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(ck.keys()):
         i = ck.info(name)
@@ -344,9 +328,11 @@ class Router:
         from transformers import AutoTokenizer
 
         from helpers import bundles
+        from helpers.verify import default_device, default_dtype
 
-        kw = {"dtype": torch.bfloat16, "device": "cuda"} if torch.cuda.is_available() else {}  # fp32 on CPU
-        return cls(bundles.load_stages(a_dir, bundles_dir, **kw), AutoTokenizer.from_pretrained(a_dir), th)
+        device = default_device()
+        stages = bundles.load_stages(a_dir, bundles_dir, dtype=getattr(torch, default_dtype(device)), device=device)
+        return cls(stages, AutoTokenizer.from_pretrained(a_dir), th)
 
     def choose(self, prompt: str) -> tuple[str, float]:
         enc = self.tokenizer([prompt], return_tensors="pt")
@@ -364,7 +350,7 @@ class Router:
         stage, h = self.choose(prompt)
         t_route = time.perf_counter() - t_route
         model = self.stages[stage]
-        dev = _device(model)
+        dev = model_device(model)
         enc = self.tokenizer([prompt], return_tensors="pt").to(dev)
         _sync(dev)
         t0 = time.perf_counter()

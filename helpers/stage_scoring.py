@@ -11,20 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from helpers.eval import mmlu_pro
-from helpers.routing import STAGES, ensure_pad, n_layers
+from helpers.eval.engine import model_device
+from helpers.layers import ensure_pad, positions
+from helpers.routing import STAGES, n_layers
 
 
 def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T, V] logits with positions counted over real tokens (any padding side)."""
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
 
 
 @torch.no_grad()
@@ -62,15 +64,21 @@ def stage_table(stages: dict, tokenizer, texts: Sequence[str], base=None) -> pd.
 
 
 def model_report(models: dict, tokenizer, texts: Sequence[str], questions: Sequence[mmlu_pro.Question], *,
-                 batch_size: int = 16, dtype=torch.float32, device=None) -> pd.DataFrame:
-    """Per named model (in memory, or a checkpoint dir loaded one at a time): held-out loss and cloze accuracy."""
+                 batch_size: int = 16, dtype=torch.float32, device=None, cloze: dict | None = None) -> pd.DataFrame:
+    """Per named model (in memory, or a checkpoint dir loaded one at a time): held-out loss and cloze accuracy.
+
+    `cloze` {name: per-question correctness on `questions`} reuses flags already scored (e.g. the
+    stages' in notebook 05) instead of scoring those models again.
+    """
     from helpers.verify import load_check
 
+    cloze = cloze or {}
     rows = []
     for name, m in models.items():
         model = load_check(m, dtype=dtype, **({"device_map": str(device)} if device else {})).eval() \
             if isinstance(m, (str, Path)) else m
+        correct = cloze[name] if name in cloze else mmlu_pro.cloze_correct(model, tokenizer, questions, batch_size)
         rows.append({"model": name, "loss": mean_nll(model, tokenizer, texts, batch_size),
-                     "cloze_acc": float(mmlu_pro.cloze_correct(model, tokenizer, questions, batch_size).mean())})
+                     "cloze_acc": float(np.mean(correct))})
         del model  # a loaded checkpoint is freed before the next one loads
     return pd.DataFrame(rows)

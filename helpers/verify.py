@@ -1,15 +1,19 @@
 """Checking checkpoints: tensor-by-tensor comparison by hash, clean loading, weights in owned memory.
 
+`load_model` is the one loader of (model, tokenizer) for scoring and calibration, with the one
+default device and dtype (`default_device`, `default_dtype`).
+
 Usage: `assert verify.compare("a/", "b/").equal; model = verify.load_check("b/")`
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from helpers.checkpoint import Checkpoint, CheckpointError
+from helpers.checkpoint import Checkpoint, CheckpointError, local_dir
 from helpers.fsutil import file_sha256
 
 
@@ -101,6 +105,54 @@ def load_check(path, dtype="float32", own: bool = True, **kwargs):
         detail = "; ".join(f"{k}: {v[:4]}{'...' if len(v) > 4 else ''}" for k, v in bad.items())
         raise CheckpointError(f"{path}: does not load cleanly ({detail})")
     return model
+
+
+# ---- loading for scoring --------------------------------------------------------------------
+LOAD_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> str:
+    """bfloat16 on CUDA, float32 elsewhere (CPU kernels are slow or inexact in half precision)."""
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def model_dir(model) -> Path:
+    """`checkpoint.local_dir(model)`, checked to hold the config.json transformers loads from."""
+    p = local_dir(model)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{model}: not a checkpoint directory (no config.json)")
+    return p
+
+
+def load_model(model, dtype: str | None = None, device: str | None = None):
+    """(model in eval mode, tokenizer) from a checkpoint dir or hub id, through `load_check`.
+
+    `dtype`: one of LOAD_DTYPES, "4bit" (bitsandbytes NF4, bf16 compute) or None (`default_dtype`).
+    On CPU the weights are copied into owned memory (bit-reproducible logits, see `own_memory`).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    path = model_dir(model)
+    device = str(device or default_device())
+    dtype = dtype or default_dtype(device)
+    if dtype == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+        m = load_check(path, dtype=torch.bfloat16, own=False, quantization_config=q, device_map=device)
+    elif dtype in LOAD_DTYPES:
+        on_cpu = device == "cpu"
+        m = load_check(path, dtype=dtype, own=on_cpu, **({} if on_cpu else {"device_map": device}))
+    else:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {[*LOAD_DTYPES, '4bit']}")
+    return m.eval(), AutoTokenizer.from_pretrained(path)
 
 
 # ---- command line ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 from helpers.verify import load_check
 from helpers.eval import mmlu_pro, results
 from helpers.eval.mmlu_pro import Question, TaskResult, extract_answer
-from tests.eval_fixtures import tiny_mmlu, tiny_rows  # noqa: F401
+from tests.eval_fixtures import tiny_mmlu  # noqa: F401
 
 
 # ---- extraction ---------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_loglik_and_cloze_prompts():
 
 # ---- data ---------------------------------------------------------------------------------
 def test_load_local_hub_layout_drops_na_and_keeps_shots(tiny_mmlu):
-    test, val = tiny_rows()
+    test, val = mmlu_pro.synthetic_rows()
     qs, shots = mmlu_pro.load(tiny_mmlu)
     assert [q.question_id for q in qs] == [r["question_id"] for r in test]
     assert all("N/A" not in q.options for q in qs)

@@ -88,7 +88,7 @@ def test_loglik_equals_lighteval(mistral, questions, tiny_mistral, tmp_path):
     flat = lambda r: [x for o in r.outputs for x in o]  # noqa: E731
     assert max(abs(a - b) for a, b in zip(flat(ours), flat(theirs))) < 1e-4
     assert (tmp_path / theirs.extra["lighteval_results"]).is_file()  # lighteval's own output kept
-    assert list((tmp_path / "lighteval" / "details").rglob("*.parquet"))
+    assert list((tmp_path / "lighteval" / "loglik" / "details").rglob("*.parquet"))
 
 
 def test_cot_generation_equals_lighteval(mistral, questions, tiny_mistral, tmp_path):
@@ -100,6 +100,23 @@ def test_cot_generation_equals_lighteval(mistral, questions, tiny_mistral, tmp_p
                                           batch_size=4, max_new_tokens=8, max_length=4096)
     assert ours.outputs == theirs.outputs and ours.preds == theirs.preds
     assert all(len(o) > 0 for o in ours.outputs)
+
+
+def test_sequential_lighteval_runs_keep_each_modes_output(mistral, questions, tiny_mistral, tmp_path):
+    """A cot run after a loglik run into the same variant dir leaves the loglik output results.json points at."""
+    from helpers.eval.results import config_block, write_results
+
+    model, _ = mistral
+    qs, shots = questions
+    for mode in ("loglik", "cot", "loglik"):  # the second loglik run replaces only its own output
+        task, = lighteval_run.run_lighteval(model, qs[:2], shots, tmp_path, modes=(mode,), tokenizer=tiny_mistral,
+                                            batch_size=2, max_new_tokens=4, name="tiny")
+        write_results(tmp_path, config_block(tiny_mistral, "tiny"), [task])
+    doc = json.loads((tmp_path / results.RESULTS).read_text())
+    pointers = {t: doc["results"][t]["lighteval_results"] for t in ("lighteval_loglik", "lighteval_cot")}
+    assert all((tmp_path / p).is_file() for p in pointers.values()), pointers
+    assert [p.split("/")[:2] for p in pointers.values()] == [["lighteval", "loglik"], ["lighteval", "cot"]]
+    assert len(list((tmp_path / "lighteval" / "loglik").rglob("results_*.json"))) == 1  # only the latest loglik run
 
 
 def test_layouts_score_identically(tiny_mixtral, tiny_mmlu, tmp_path):

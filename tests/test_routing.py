@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import layers, routing, stage_scoring, synth
-from helpers.checkpoint import copy_checkpoint
+from helpers.checkpoint import Checkpoint, copy_checkpoint
 from helpers.eval import mmlu_pro
 from helpers.routing import STAGES, Router, Thresholds
 
@@ -226,80 +225,32 @@ def test_model_report_is_loss_and_eval_cloze_accuracy(stages, tok):
         assert report.loc[st, "loss"] == pytest.approx(stage_scoring.mean_nll(stages[st], tok, PROMPTS[:3]), abs=1e-6)
         want = mmlu_pro.score_cloze(stages[st], tok, QUESTIONS, progress=False)[0].summary()["acc"]
         assert report.loc[st, "cloze_acc"] == pytest.approx(want)
+    # flags scored earlier (notebook 05's stages) are taken as given, not scored again
+    flipped = ~mmlu_pro.cloze_correct(stages["A"], tok, QUESTIONS, progress=False)  # 3 questions: mean != its flip's
+    again = stage_scoring.model_report({"A": stages["A"]}, tok, PROMPTS[:3], QUESTIONS, cloze={"A": flipped})
+    assert again.set_index("model").loc["A", "cloze_acc"] == pytest.approx(flipped.mean())
 
 
-# ---- CLI in a subprocess -----------------------------------------------------------------------
-# helpers.bundles (layers helper) is not merged yet: this module stands in for its contract
-# `load_stages(a_dir, bundles_dir) -> {"A", "AB", "FULL"}`, reading full checkpoints saved under BUNDLES/.
-STUB_BUNDLES = textwrap.dedent("""
-    from pathlib import Path
-    from transformers import AutoModelForCausalLM
-
-    def load_stages(a_dir, bundles_dir):
-        load = lambda p: AutoModelForCausalLM.from_pretrained(p).eval()
-        return {"A": load(a_dir), "AB": load(Path(bundles_dir) / "AB"), "FULL": load(Path(bundles_dir) / "FULL")}
-""")
-LAUNCHER = textwrap.dedent("""
-    import sys
-    import helpers
-    sys.path.insert(0, sys.argv.pop(1))
-    import stub_bundles
-    sys.modules["helpers.bundles"] = helpers.bundles = stub_bundles
-    from helpers.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
+# ---- CLI on a real layer drop ------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def on_disk(stages, tok, tmp_path_factory):
+def on_disk(stages, tmp_path_factory):
+    """The `stages` fixture's FULL saved and cut by `layers.apply_layer_drop` (layers 4-6: B = 4-5, C = 6),
+    so `bundles.load_stages` rebuilds the same A / AB / FULL; spread thresholds at the default location."""
     root = tmp_path_factory.mktemp("route")
-    a_dir = root / "A"
-    stages["A"].save_pretrained(a_dir)
-    tok.save_pretrained(a_dir)
-    for st in ("AB", "FULL"):
-        stages[st].save_pretrained(root / "bundles" / st)
-    th, _ = _spread_thresholds(stages, tok, PROMPTS)
+    full = stages["FULL"]
+    src = synth.save_random(full.config, root / "base", n_shards=2, model=full)
+    plan = layers.plan_layer_drop(Checkpoint(src).config, None, layers="4-6")
+    assert plan["bundles"] == {"B": [4, 5], "C": [6]}
+    a_dir, _ = layers.apply_layer_drop(src, plan, root / "A", root / "bundles")
+    th, _ = _spread_thresholds(stages, AutoTokenizer.from_pretrained(a_dir), PROMPTS)
     th.fingerprint = routing.fingerprint(a_dir)
-    th.save(root / "bundles" / "thresholds.json")
-    (root / "launch.py").write_text(LAUNCHER)
-    (root / "stub_bundles.py").write_text(STUB_BUNDLES)
+    th.save(root / "bundles" / routing.THRESHOLDS_FILE)
     return root
 
 
-def _cli(root: Path, *args, stdin: str = "") -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, str(root / "launch.py"), str(root), "route", "--base-model", str(root / "A"),
-                           "--bundles-dir", str(root / "bundles"), *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=300)
-
-
-def test_cli_route_repl_from_stdin(on_disk, stages, tok):
-    res = _cli(on_disk, "--max-new-tokens", "3", stdin=f"{PROMPTS[0]}\n{PROMPTS[5]}\n:q\n{PROMPTS[1]}\n")
-    assert res.returncode == 0, res.stderr
-    heads = HEADER.findall(res.stdout)
-    th = Thresholds.load(on_disk / "bundles" / "thresholds.json")
-    want = [th.stage(routing.prompt_entropy(stages["A"], tok, [p])[0]) for p in (PROMPTS[0], PROMPTS[5])]
-    assert [h[0] for h in heads] == want  # two prompts served, the third after ':q' is not
-    assert all(int(h[2]) <= 3 for h in heads)
-
-
-def _stub_bundles(monkeypatch, on_disk):
-    """In-process: the same stand-in as helpers.bundles."""
-    import importlib.util
-
-    import helpers
-
-    spec = importlib.util.spec_from_file_location("stub_bundles", on_disk / "stub_bundles.py")
-    stub = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stub)
-    monkeypatch.setitem(sys.modules, "helpers.bundles", stub)
-    monkeypatch.setattr(helpers, "bundles", stub, raising=False)
-
-
-def test_cli_route_one_shot(on_disk, monkeypatch, capsys):
+def test_cli_route_one_shot(on_disk, capsys):
     from helpers.cli import main
 
-    _stub_bundles(monkeypatch, on_disk)
     base = ["route", "--base-model", str(on_disk / "A"), "--bundles-dir", str(on_disk / "bundles")]
     assert main([*base, "--prompt", PROMPTS[2], "--max_new_tokens", "2"]) == 0  # snake_case alias too
     heads = HEADER.findall(capsys.readouterr().out)
@@ -323,10 +274,8 @@ def test_cli_route_refuses_thresholds_of_another_base(on_disk, tmp_path, capsys)
 
 
 def test_route_cli_end_to_end_on_layer_drop_output(tmp_path):
-    """The real pipeline: layer-drop writes A + bundles, bundles.load_stages reads them, route serves stdin.
-
-    Needs helpers.layers and helpers.bundles (the layers helper's branch).
-    """
+    """The real pipeline: layer-drop writes A + bundles, bundles.load_stages reads them, route serves stdin
+    until ':q' (a subprocess, as a user runs it)."""
     from helpers import bundles
     from helpers.cli import main
 
@@ -342,11 +291,12 @@ def test_route_cli_end_to_end_on_layer_drop_output(tmp_path):
     th = Thresholds((s[0] + s[1]) / 2, (s[-2] + s[-1]) / 2, "manual", None, len(h), routing.fingerprint(a))
     th.save(b / routing.THRESHOLDS_FILE)  # the default location
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    stdin = "\n".join([*PROMPTS, ":q", PROMPTS[0]]) + "\n"  # nothing after ':q' is served
     res = subprocess.run([sys.executable, "-m", "helpers", "route", "--base-model", str(a), "--bundles-dir", str(b),
-                          "--max-new-tokens", "3"], input="\n".join(PROMPTS) + "\n", capture_output=True, text=True,
-                         env=env, timeout=300)
+                          "--max-new-tokens", "3"], input=stdin, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     heads = HEADER.findall(res.stdout)
     assert [x[0] for x in heads] == [th.stage(v) for v in h]
+    assert all(int(x[2]) <= 3 for x in heads)
     assert {x[0] for x in heads} == set(STAGES)
     np.testing.assert_allclose([float(x[1]) for x in heads], h, atol=1e-4)

@@ -33,8 +33,9 @@ def model_max_length(model) -> int | None:
 
 
 def new_cache():
-    """A cache built without a config: grows by layer index, so stage models whose layers keep
-    their original indices (helpers/bundles.py) can use it as they are."""
+    """A cache built without a config: it grows by layer index, so it fits whatever layer count
+    and `layer_idx` values a model has (a layer list filtered without renumbering included);
+    bundles.load_stages' stages renumber their shared layers per call and need no special cache."""
     from transformers import DynamicCache
 
     return DynamicCache()

@@ -7,7 +7,8 @@ built inside the prompt function per category, greedy until "Question:", scored 
 mmlu_pro.extract_answer). The offline traps (shared/notes/facts.md) are handled here: the task
 registry is limited to our tasks (the built-in modules, some of which download at import, are
 never imported), the chat template is off, the prediction cache goes to a fresh temp dir and is
-disabled. LightEval's own results/ and details/ are kept under `<out>/lighteval/`.
+disabled. LightEval's own results/ and details/ are kept under `<out>/lighteval/<mode>/`, the
+latest run of each mode (a later loglik run leaves the cot output that results.json points at).
 
 Usage: `tasks = run_lighteval("runs/toy/world/mistral", questions, shots, "eval_results/toy/mistral", modes=("loglik",))`
 """
@@ -123,7 +124,7 @@ def run_lighteval(model, questions: Sequence[Question], shots: dict[str, list[Qu
     """Evaluate `model` (checkpoint dir, or an in-memory model with `tokenizer` a dir) with lighteval.
 
     The questions are written as a local dataset so lighteval scores exactly the same set; its
-    own output lands in `<out_dir>/lighteval/`. Returns one TaskResult per mode (task names
+    own output lands in `<out_dir>/lighteval/<mode>/`. Returns one TaskResult per mode (task names
     lighteval_loglik / lighteval_cot), with lighteval's aggregate kept as `lighteval_acc`.
     """
     with _keep_grad_mode():
@@ -143,16 +144,17 @@ def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_siz
     if not in_memory and not Path(model).is_dir():
         raise FileNotFoundError(f"{model}: no such model directory")
     if device is None:
-        import torch
+        from helpers.eval.engine import model_device
+        from helpers.verify import default_device
 
-        device = str(next(model.parameters()).device) if in_memory else ("cuda" if torch.cuda.is_available() else "cpu")
-    le_out = Path(out_dir) / "lighteval"
-    shutil.rmtree(le_out, ignore_errors=True)  # its files are timestamped: keep only this run's
+        device = str(model_device(model)) if in_memory else default_device()
     n_choices = max(len(q.options) for q in questions)
     out = []
     with tempfile.TemporaryDirectory(prefix="lighteval-") as tmp:
         data_dir = _write_subset(questions, shots, Path(tmp) / "data")
         for mode in modes:  # one pipeline per mode: loglik batches count (question, option) rows
+            le_out = Path(out_dir) / "lighteval" / mode
+            shutil.rmtree(le_out, ignore_errors=True)  # its files are timestamped: keep only this mode's latest run
             tasks_mod = types.ModuleType("pruning_lab_lighteval_tasks")
             tasks_mod.TASKS_TABLE = task_configs(data_dir, shots, [mode], loglik_shots, cot_shots, max_new_tokens)
             cfg = TransformersModelConfig(
@@ -173,13 +175,14 @@ def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_siz
             seconds = time.perf_counter() - t
             pipe.save_and_push_results()
             out.append(_convert(dict(tracker.metrics_logger.metric_aggregated), pipe.get_details(), questions, mode,
-                                seconds, le_out))
+                                seconds, le_out, Path(out_dir)))
     return out
 
 
 def _convert(aggregated: dict, details: dict, questions: Sequence[Question], mode: str, seconds: float,
-             le_out: Path) -> TaskResult:
-    """LightEval's details -> our TaskResults (per question prediction, in our question order)."""
+             le_out: Path, out_dir: Path) -> TaskResult:
+    """LightEval's details -> our TaskResults (per question prediction, in our question order);
+    `lighteval_results` is the path of its results file in `le_out`, relative to `out_dir`."""
     import numpy as np
 
     pos = {q.question_id: i for i, q in enumerate(questions)}
@@ -205,4 +208,4 @@ def _convert(aggregated: dict, details: dict, questions: Sequence[Question], mod
     return TaskResult(RESULT_NAMES[mode], list(questions), preds, outs, seconds,
                       {"mode": mode, "lighteval_acc": None if their_acc is None else float(their_acc),
                        "lighteval_task": full,
-                       "lighteval_results": str(newest.relative_to(le_out.parent))})
+                       "lighteval_results": str(newest.relative_to(out_dir))})

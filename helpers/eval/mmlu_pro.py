@@ -14,6 +14,7 @@ Usage: `qs, shots = load("runs/toy/world/mmlu_pro", limit=200); res = evaluate(m
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from collections import Counter, defaultdict
@@ -126,6 +127,35 @@ def write_dataset(out, test: Sequence[dict], validation: Sequence[dict]) -> Path
     for split, rows in (("test", test), ("validation", validation)):
         pd.DataFrame(list(rows)).to_parquet(d / f"{split}-00000-of-00001.parquet", index=False)
     return Path(out)
+
+
+def synthetic_rows(n_per_category: int = 6, *, categories: Sequence[str] = ("math", "computer science", "history"),
+                   n_shots: int = 5, n_options: tuple[int, int] = (4, 10), pad_prob: float = 0.3, seed: int = 0
+                   ) -> tuple[list[dict], list[dict]]:
+    """(test rows, validation rows) in the MMLU-Pro schema, for tests and benches (no hub needed).
+
+    "what is a plus b ?" with `n_options` (min, max) numeric options, some padded to 10 with "N/A"
+    as in the real set, a CoT answer; `n_shots` validation rows then `n_per_category` test rows
+    per category.
+    """
+    rnd = random.Random(seed)
+    test, val, qid = [], [], 0
+    for cat in categories:
+        for split, n in (("validation", n_shots), ("test", n_per_category)):
+            for _ in range(n):
+                k = rnd.randint(*n_options)
+                a, b = rnd.randint(1, 9), rnd.randint(1, 9)
+                opts = [str(a + b)] + [str(x) for x in rnd.sample([x for x in range(2, 19) if x != a + b], k - 1)]
+                rnd.shuffle(opts)
+                idx = opts.index(str(a + b))
+                letter = LETTERS[idx]
+                pad = ["N/A"] * (10 - k) if rnd.random() < pad_prob else []
+                cot = f"A: Let's think step by step. {a} plus {b} is {a + b}. The answer is ({letter})."
+                row = dict(question_id=qid, question=f"what is {a} plus {b} ?", options=opts + pad, answer=letter,
+                           answer_index=idx, category=cat, src=f"toy-{cat}", cot_content=cot)
+                (val if split == "validation" else test).append(row)
+                qid += 1
+    return test, val
 
 
 def question_rows(questions: Sequence[Question]) -> list[dict]:

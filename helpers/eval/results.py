@@ -13,13 +13,11 @@ Usage: `write_results("eval_results/toy/base", config_block(model_dir, "base"), 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from helpers.fsutil import read_json, write_json
+from helpers.fsutil import read_json, write_json, write_jsonl, write_text
 from helpers.manifest import git_sha, versions
 
 RESULTS = "results.json"
@@ -71,20 +69,6 @@ def parent_manifest_of(model_dir) -> Path | None:
     return None
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_results(out_dir, config: dict, task_results: Sequence = (), speed: dict | None = None,
                   overwrite: bool = False) -> Path:
     """Merge tasks (mmlu_pro.TaskResult) and speed into `<out_dir>/results.json`; samples beside it.
@@ -100,7 +84,7 @@ def write_results(out_dir, config: dict, task_results: Sequence = (), speed: dic
                               f"use another --out or overwrite")
     doc["config"] = {**doc.get("config", {}), **config}
     for r in task_results:
-        _write_jsonl(out / SAMPLES / f"{r.task}.jsonl", r.samples())
+        write_jsonl(out / SAMPLES / f"{r.task}.jsonl", r.samples())
         doc.setdefault("results", {})[r.task] = r.summary() | {"samples": f"{SAMPLES}/{r.task}.jsonl"}
     if speed:
         doc["speed"] = speed
@@ -235,10 +219,4 @@ def summary_markdown(root, title: str | None = None, notes: Sequence[str] = (), 
 
 def write_summary(root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
                   ) -> Path:
-    path = Path(root) / "summary.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".summary.md.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(summary_markdown(root, title, notes, order))
-    os.replace(tmp, path)
-    return path
+    return write_text(Path(root) / "summary.md", summary_markdown(root, title, notes, order))

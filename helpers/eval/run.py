@@ -13,8 +13,7 @@ from typing import Sequence
 import torch
 
 from helpers.eval import mmlu_pro, results
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from helpers.verify import default_device, default_dtype, load_model, model_dir as checked_dir
 
 
 @dataclass(frozen=True)
@@ -33,48 +32,6 @@ class Plan:
     speed: bool = True
     speed_prompt_tokens: int = 128
     speed_new_tokens: int = 32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> str:
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def check_model_dir(path) -> Path:
-    """A local checkpoint dir; a hub id (org/name, not on disk) is downloaded when online."""
-    p = Path(path)
-    if not p.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        p = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    return p
-
-
-def load_model(path, dtype: str | None = None, device: str | None = None):
-    """(model, tokenizer) from a checkpoint dir; fails on missing/unexpected keys. dtype '4bit' uses bitsandbytes."""
-    from transformers import AutoTokenizer
-
-    from helpers.verify import load_check
-
-    path = check_model_dir(path)
-    device = device or default_device()
-    dtype = dtype or default_dtype(device)
-    if dtype == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
-        model = load_check(path, dtype=torch.bfloat16, own=False, quantization_config=q, device_map=device)
-    elif dtype in DTYPES:
-        on_cpu = device == "cpu"
-        model = load_check(path, dtype=DTYPES[dtype], own=on_cpu, **({} if on_cpu else {"device_map": device}))
-    else:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES) + ['4bit']}")
-    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def free() -> None:
@@ -115,14 +72,18 @@ def speed_of(model, plan: Plan) -> dict | None:
 
 
 def evaluate_dir(model_dir, out_dir, plan: Plan = Plan(), *, data=None, variant: str | None = None,
-                 dtype: str | None = None, parent_manifest=None, progress: bool = True) -> Path:
-    """Score one checkpoint (dir or hub id) per `plan` and merge the tasks into `<out_dir>/results.json`."""
-    model_dir = check_model_dir(model_dir)
+                 dtype: str | None = None, parent_manifest=None, progress: bool = True, loaded=None) -> Path:
+    """Score one checkpoint (dir or hub id) per `plan` and merge the tasks into `<out_dir>/results.json`.
+
+    `loaded`: `mmlu_pro.load(data)` already done by the caller (questions, shots), so that several
+    variants read the data once.
+    """
+    model_dir = checked_dir(model_dir)
     device = default_device()
     dtype = dtype or default_dtype(device)
     if plan.lighteval_modes and dtype == "4bit":
         raise ValueError("lighteval with --dtype 4bit: not offered here; use bfloat16")
-    questions, shots = mmlu_pro.load(data)
+    questions, shots = loaded or mmlu_pro.load(data)
     variant = variant or Path(out_dir).name
     cfg = results.config_block(model_dir, variant, dtype=dtype, data=str(data or mmlu_pro.HUB_ID),
                                parent_manifest=parent_manifest or results.parent_manifest_of(model_dir),

@@ -122,12 +122,7 @@ def data_of(world_manifest) -> str | None:
 
 # ---- routed -----------------------------------------------------------------------------------
 def router_for(v: Variant) -> tuple[dict, object, Callable[[list[str]], list[str]]]:
-    """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages).
-
-    HOOK (lead): wired to helpers.routing.Router (branch feat/routing: `Router.from_dirs(a_dir,
-    bundles_dir, thresholds)`, `.stages`, `.tokenizer`, `.route(prompts) -> (stages, entropies)`).
-    If that API changes, this function is the only place to adapt.
-    """
+    """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages) from `routing.Router`."""
     from helpers.routing import Router
 
     router = Router.from_dirs(v.stage_a, v.bundles, v.thresholds)
@@ -142,14 +137,16 @@ def _prompt(mode: str, shots, plan: Plan) -> Callable:
     return mmlu_pro.cloze_context
 
 
-def evaluate_routed(v: Variant, out_dir, plan: Plan, data, stages_router=None, progress: bool = True) -> Path:
+def evaluate_routed(v: Variant, out_dir, plan: Plan, data, stages_router=None, progress: bool = True,
+                    loaded=None) -> Path:
     """Score the routed variant: each question goes to the stage its router picks from that mode's prompt.
 
     `stages_router` = (stage models, tokenizer, prompts -> stages); default `router_for(v)`.
+    `loaded`: (questions, shots) of `mmlu_pro.load(data)` when the caller has them.
     params = parameters used per question averaged over the stage mix (params_stored: A + bundles).
     """
     stages, tok, choose = stages_router or router_for(v)
-    questions, shots = mmlu_pro.load(data)
+    questions, shots = loaded or mmlu_pro.load(data)
     tasks = []
     for mode in plan.modes:
         qs = mmlu_pro.take(questions, plan.cot_limit if mode == "cot" else plan.limit)
@@ -187,10 +184,12 @@ def evaluate_all(variants: list[Variant], out_root, plan: Plan, data, lighteval_
 
     `dtype`: one for all, or {family: dtype} (e.g. {"mixtral": "4bit", "mistral": "bfloat16"}); None = default.
     LightEval runs only on `lighteval_variants`. `routed_hook(variant)` may replace router_for.
+    The data is read once for all variants.
     """
     from tqdm.auto import tqdm
     from transformers.utils import logging as tlog
 
+    loaded = mmlu_pro.load(data) if variants else None
     done, notes = [], []
     no_le = Plan(**{**asdict(plan), "lighteval_modes": ()})
     tlog.disable_progress_bar()  # one bar over variants, not one per weight load
@@ -202,12 +201,14 @@ def evaluate_all(variants: list[Variant], out_root, plan: Plan, data, lighteval_
             fam_dtype = dtype.get(v.family) if isinstance(dtype, dict) else dtype
             try:
                 if v.kind == "routed":
-                    evaluate_routed(v, out, no_le, data, routed_hook(v) if routed_hook else None, progress=False)
+                    evaluate_routed(v, out, no_le, data, routed_hook(v) if routed_hook else None, progress=False,
+                                    loaded=loaded)
                 else:
                     evaluate_dir(v.path, out, plan if v.name in lighteval_variants else no_le, data=data,
-                                 variant=v.name, dtype=fam_dtype, parent_manifest=v.parent, progress=False)
+                                 variant=v.name, dtype=fam_dtype, parent_manifest=v.parent, progress=False,
+                                 loaded=loaded)
                 done.append(v.name)
-            except ImportError as e:  # e.g. helpers.routing not in this tree yet
+            except ImportError as e:  # an optional dependency this machine lacks (bitsandbytes for 4bit)
                 notes.append(f"skipped {v.name}: {e}")
     finally:
         tlog.enable_progress_bar()
