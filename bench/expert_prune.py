@@ -5,9 +5,9 @@ is synthesised into a temp dir under /work (not tmpfs), then pruned to 6 experts
 `--layout standard` and copied with `cp -r`, alternately, for several rounds; the first round is
 dropped (cold caches) and medians are reported. Each prune is a fresh process that times its
 import (Python + torch, a fixed cost) apart from the prune itself; the prune fsyncs its output
-(atomic write), so `cp -r` is timed alone and followed by an fsync of the copy. Peak RSS is the
-prune process's own (os.wait4 rusage; this parent never imports torch, so a forked child does not
-inherit a large high-water mark). Targets: prune / cp <= 1.0, peak RSS / checkpoint bytes < 0.10.
+(atomic write), so `cp -r` is timed alone and followed by fsutil.fsync_tree of the copy (what the
+writer does to its own output). Commands run through bench.common.timed, whose wall time and peak
+RSS are the command process's own. Targets: prune / cp <= 1.0, peak RSS / checkpoint bytes < 0.10.
 The big files are removed at the end.
 
 Usage: `python bench/expert_prune.py [--rounds 4] [--hidden 768] [--root /work/bench_tmp]`
@@ -20,14 +20,18 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+sys.path.insert(0, str(ROOT))
+
+from bench.common import timed  # noqa: E402
+from helpers.fsutil import fsync_tree  # noqa: E402  (torch-free: this parent never imports torch)
+
+ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}  # for the children
 
 
 # ---- children (run in their own processes) ----------------------------------------------------
@@ -51,8 +55,8 @@ def setup(tmp: Path, hidden: int, keep: int) -> None:
     save_plan(tmp / "plan.json", plan_expert_prune(ck.config, keep=plan))
 
 
-def child_prune(src: str, plan: str, out: str) -> None:
-    """One prune, as `python -m helpers expert-prune` runs it, with import and work timed apart."""
+def child_prune(src: str, plan: str, out: str, result: str) -> None:
+    """One prune, as `python -m helpers expert-prune` runs it, with import and work timed apart (JSON to `result`)."""
     t0 = time.perf_counter()
     import helpers.expert_prune  # noqa: F401  (what the CLI handler imports: numpy, no torch)
     from helpers.cli import main
@@ -60,40 +64,24 @@ def child_prune(src: str, plan: str, out: str) -> None:
     t1 = time.perf_counter()
     rc = main(["expert-prune", "--model", src, "--plan", plan, "--out", out, "--layout", "standard"])
     t2 = time.perf_counter()
-    print(json.dumps({"import_s": t1 - t0, "prune_s": t2 - t1, "rc": rc}))
+    Path(result).write_text(json.dumps({"import_s": t1 - t0, "prune_s": t2 - t1, "rc": rc}))
 
 
 # ---- parent -----------------------------------------------------------------------------------
-def run(cmd: list[str], log: Path) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one child process; raises if it fails."""
+def fsync_s(root: Path) -> float:
     t = time.perf_counter()
-    with open(log, "w") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=ENV)
-        out = p.stdout.read().decode()
-        _, status, usage = os.wait4(p.pid, 0)
-    dt = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{log.read_text()[-3000:]}")
-    return dt, usage.ru_maxrss * 1024, out  # Linux reports KiB
-
-
-def fsync_tree(root: Path) -> float:
-    t = time.perf_counter()
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+    fsync_tree(root)
     return time.perf_counter() - t
 
 
 def bench(args) -> int:
+    os.environ.update(ENV)
     Path(args.root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="expert_prune_", dir=args.root))
     me = [sys.executable, str(Path(__file__).resolve())]
     try:
         t = time.perf_counter()
-        run(me + ["--setup", str(tmp), "--hidden", str(args.hidden), "--keep", str(args.keep)], tmp / "setup.log")
+        timed(me + ["--setup", str(tmp), "--hidden", str(args.hidden), "--keep", str(args.keep)])
         src, plan, out, copy = tmp / "mixtral", tmp / "plan.json", tmp / "pruned", tmp / "copy"
         total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         n_shards = len(list(src.glob("*.safetensors")))
@@ -104,13 +92,13 @@ def bench(args) -> int:
             row = {}
             for what in (("prune", "cp") if r % 2 == 0 else ("cp", "prune")):
                 if what == "prune":
-                    wall, row["rss"], text = run(me + ["--child-prune", str(src), str(plan), str(out)], tmp / "prune.log")
-                    row.update(json.loads(text.strip().splitlines()[-1]), wall_s=wall)
+                    wall, row["rss"] = timed(me + ["--child-prune", str(src), str(plan), str(out), str(tmp / "prune.json")])
+                    row.update(json.loads((tmp / "prune.json").read_text()), wall_s=wall)
                     row["out_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
                     shutil.rmtree(out)
                 else:
-                    row["cp_s"], _, _ = run(["cp", "-r", str(src), str(copy)], tmp / "cp.log")
-                    row["cp_fsync_s"] = row["cp_s"] + fsync_tree(copy)
+                    row["cp_s"], _ = timed(["cp", "-r", str(src), str(copy)])
+                    row["cp_fsync_s"] = row["cp_s"] + fsync_s(copy)
                     shutil.rmtree(copy)
             rows.append(row)
             print(f"round {r}: prune {row['prune_s']:.2f} s (+ {row['import_s']:.2f} s import; process {row['wall_s']:.2f} s,"
@@ -145,10 +133,9 @@ def main() -> int:
     ap.add_argument("--keep", type=int, default=6, help="experts kept per layer")
     ap.add_argument("--root", default=str(ROOT / "runs" / "bench"), help="scratch dir on a real disk (not tmpfs)")
     ap.add_argument("--setup", help=argparse.SUPPRESS)
-    ap.add_argument("--child-prune", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child-prune", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.setup or args.child_prune:
-        sys.path.insert(0, str(ROOT))
         if args.setup:
             setup(Path(args.setup), args.hidden, args.keep)
         else:

@@ -158,12 +158,12 @@ def load_texts(source, n: int | None = None, *, world=DEFAULT_WORLD, seed: int =
     """Texts for calibration: `n` of them (all when None), the same ones for the same seed."""
     if source == "toy":
         path = _toy_file(world, "calib/calib.jsonl")
-        return _take([row_text(r, str(path)) for r in read_rows(path)], n, seed, str(path))
-    path = _local(source)
-    if path is None and hub_id(source):
-        return [row_text(r, f"{source} row {k}") for k, r in enumerate(_hub_rows(source, n, seed))]
-    if path is None:
-        raise _unknown(source)
+    else:
+        path = _local(source)
+        if path is None and hub_id(source):
+            return [row_text(r, f"{source} row {k}") for k, r in enumerate(_hub_rows(source, n, seed))]
+        if path is None:
+            raise _unknown(source)
     rows = read_rows(path)
     return _take([row_text(r, f"{path} row {k}") for k, r in enumerate(rows)], n, seed, str(path))
 

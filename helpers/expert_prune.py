@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from helpers import arch
-from helpers.checkpoint import CheckpointError, Entry, copied, rows_of, write_checkpoint
-from helpers.verify import compare
-from helpers.experts import ExpertView, check_fingerprint, fingerprint, local_dir, moe_family
+from helpers.checkpoint import Checkpoint, CheckpointError, Entry, copied, local_dir, rows_of, write_checkpoint
+from helpers.experts import ExpertView, check_fingerprint, fingerprint, moe_family
 from helpers.fsutil import atomic_dir, read_json, write_json
+from helpers.verify import compare
 
 LAYOUTS = ("standard", "consolidated", "both")
 RECORD = "manifest.json"
@@ -142,15 +142,11 @@ def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
             if e in keep[l]:
                 entries.append(expert(l, e, keep[l].index(e), w))
         elif m := arch.FUSED_EXPERT_RE.match(name):
-            l, ws = int(m.group(1)), (("w2",) if m.group(2) == "down_proj" else ("w1", "w3"))
-            entries += [expert(l, e, new, w) for new, e in enumerate(keep[l]) for w in ws]
+            l, roles = int(m.group(1)), arch.FUSED_ROLES[m.group(2)]
+            entries += [expert(l, e, new, w) for new, e in enumerate(keep[l]) for w in roles]
         else:
             entries.append(copied(ck, name))
     return entries
-
-
-def _sizes(entries: list[Entry]) -> tuple[int, int]:
-    return sum(e.nbytes for e in entries), sum(e.numel for e in entries)
 
 
 def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None,
@@ -159,7 +155,8 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
 
     standard: OUT mirrors the input's shards (each tensor in its source's shard). consolidated:
     OUT packed into another shard count (half the input's, or `max_shard_size` each). both:
-    OUT/standard and OUT/consolidated, verified tensor-identical.
+    OUT/standard and OUT/consolidated, verified tensor-identical. OUT/plan.json is the plan applied,
+    written inside the same atomic directory as the weights.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
@@ -170,12 +167,12 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
     config = pruned_config(view.config, k)
     n_in = len(view.ck.shards)
     packed = {"max_shard_size": max_shard_size} if max_shard_size else {"n_shards": max(1, n_in // 2)}
-    after_bytes, after_params = _sizes(entries)
-    before_bytes, before_params = _sizes([copied(view.ck, n) for n in view.ck.keys()])
+    source = [copied(view.ck, n) for n in view.ck.keys()]
     rec = {"source": str(view.ck.path), "source_format": view.format.name, "layout": layout,
            "plan": {"keep": {str(l): v for l, v in keep.items()}, "k": k, "n_experts": view.n_experts},
-           "bytes": {"before": before_bytes, "after": after_bytes},
-           "params": {"before": before_params, "after": after_params}, "shards": {"source": n_in}}
+           "bytes": {"before": view.ck.nbytes, "after": sum(e.nbytes for e in entries)},
+           "params": {"before": sum(e.numel for e in source), "after": sum(e.numel for e in entries)},
+           "shards": {"source": n_in}}
     out = Path(out)
     write = dict(config=config, side_files_from=view.ck.path, desc="prune")
     if layout == "both":
@@ -187,12 +184,12 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
             if not cmp.equal:
                 raise CheckpointError(f"{out}: standard and consolidated layouts differ: {cmp}")
             rec.update(identical=True, compare=str(cmp))
-            rec["shards"].update(standard=_n_shards(std), consolidated=_n_shards(con))
+            rec["shards"].update(standard=len(Checkpoint(std).shards), consolidated=len(Checkpoint(con).shards))
         paths = {"standard": out / "standard", "consolidated": out / "consolidated"}
     else:
         kw = {"like": view.ck} if layout == "standard" else packed
-        write_checkpoint(out, entries, overwrite=overwrite, **kw, **write)
-        rec["shards"][layout] = _n_shards(out)
+        write_checkpoint(out, entries, overwrite=overwrite, extra_json={"plan.json": plan}, **kw, **write)
+        rec["shards"][layout] = len(Checkpoint(out).shards)
         paths = {layout: out}
     view.close()
     rec["paths"] = {k: str(v) for k, v in paths.items()}
@@ -207,8 +204,7 @@ def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
     m = Manifest("expert_prune", {"layout": rec["layout"], "max_shard_size": max_shard_size, "k": rec["plan"]["k"],
                                   "criterion": plan.get("criterion")})
     m.input("model", rec["source"], hash=False)
-    if (out / "plan.json").exists():
-        m.output("plan", out / "plan.json")
+    m.output("plan", out / "plan.json")
     for name, path in rec["paths"].items():
         m.output(name, path, hash=False)
     m.metrics(**{k: rec[k] for k in ("source_format", "bytes", "params", "shards", "identical", "compare") if k in rec})
@@ -225,10 +221,6 @@ def size_table(rec: dict):
         if lay in rec["shards"]:
             cols[f"after ({lay})"] = [rec["params"]["after"], rec["bytes"]["after"] / 1e9, rec["shards"][lay]]
     return pd.DataFrame(cols, index=["params", "GB", "shards"])
-
-
-def _n_shards(path) -> int:
-    return len(list(Path(path).glob("*.safetensors")))
 
 
 # ---- reference: the base model with pruned experts masked out ---------------------------------
@@ -291,7 +283,6 @@ def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", *
 def cli_expert_prune(args) -> int:
     model = local_dir(args.model)
     config = arch.read_config(model)
-    moe_family(config)
     if args.plan:
         if args.scores or args.keep is not None:
             raise ValueError("--plan excludes --scores/--keep (the plan already says what to keep)")

@@ -322,20 +322,18 @@ def rank_agreement(criteria: dict[str, list]):
 
 
 def finetune_sources(manifest: dict, base_model: str | None = None) -> dict[str, str]:
-    """Base model, adapter and merged checkpoint named by notebook 01's manifest."""
+    """Base model, adapter, merged checkpoint and toy world named by notebook 01's manifest.
+
+    The base is 01's input "base" (unless `base_model` is given); the world is its input "world", so
+    calibration on "toy" reads the world 01 fine-tuned in (the default world if 01 recorded none).
+    """
+    from helpers.data import DEFAULT_WORLD
     from helpers.manifest import output_path
 
-    out = {"adapter": str(output_path(manifest, "adapter")), "merged": str(output_path(manifest, "merged"))}
+    inputs = manifest.get("inputs", {})
     if base_model is None:
-        inputs, params = manifest.get("inputs", {}), manifest.get("params", {})
-        found = [inputs[k]["path"] for k in ("model", "base_model", "base", "mixtral") if k in inputs]
-        found += [params[k] for k in ("MODEL", "BASE_MODEL", "MODEL_ID", "MODEL_PATH") if params.get(k)]
-        if not found:
-            cfg = Path(out["adapter"]) / "adapter_config.json"
-            found = [read_json(cfg).get("base_model_name_or_path")] if cfg.exists() else []
-        if not found or not found[0]:
-            raise KeyError(f"manifest of step {manifest.get('step')!r} names no base model (inputs 'model' or "
-                           "params MODEL); pass BASE_MODEL")
-        base_model = found[0]
-    out["base"] = str(base_model)
-    return out
+        if "base" not in inputs:
+            raise KeyError(f"manifest of step {manifest.get('step')!r} names no base model (input 'base'); pass BASE_MODEL")
+        base_model = inputs["base"]["path"]
+    return {"adapter": str(output_path(manifest, "adapter")), "merged": str(output_path(manifest, "merged")),
+            "base": str(base_model), "world": str(inputs["world"]["path"]) if "world" in inputs else DEFAULT_WORLD}

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from helpers import arch
-from helpers.checkpoint import DTYPES, Checkpoint, local_dir  # noqa: F401  (callers import it from here)
+from helpers.checkpoint import DTYPES, Checkpoint, local_dir
 
 if TYPE_CHECKING:
     import torch
+
+# legacy role -> (fused tensor holding it, its place in that tensor's rows): w3 is gate_up_proj's second half
+_FUSED_OF = {w: (fused, i) for fused, roles in arch.FUSED_ROLES.items() for i, w in enumerate(roles)}
 
 # Config keys that fix every tensor shape of a Mixtral; two checkpoints that agree on these hold
 # comparable experts (a fine-tuned model and its base do; a pruned one does not).
@@ -79,7 +82,6 @@ class ExpertView:
         self.fused = self.format is arch.FUSED
         self.n_layers = self.family.n_layers(self.config)
         self.n_experts = self.family.n_experts(self.config)
-        self.top_k = self.family.top_k(self.config)
         self.hidden = int(self.config["hidden_size"])
         self.inter = int(self.config["intermediate_size"])
         for layer in range(self.n_layers):
@@ -90,20 +92,13 @@ class ExpertView:
     def router_name(self, layer: int) -> str:
         return self.format.router.format(l=layer)
 
-    def source_names(self, layer: int) -> list[str]:
-        """Every tensor of `layer` that holds experts or the router, in this checkpoint's names."""
-        if self.fused:
-            return [self.router_name(layer)] + [t.format(l=layer) for t in arch.FUSED.experts.values()]
-        return [self.router_name(layer)] + [arch.LEGACY.experts[w].format(l=layer, e=e)
-                                            for e in range(self.n_experts) for w in arch.EXPERT_WEIGHTS]
-
     def shape(self, w: str) -> tuple[int, int]:
         return (self.hidden, self.inter) if w == "w2" else (self.inter, self.hidden)
 
     def _fused_loc(self, layer: int, expert: int, w: str) -> tuple[str, int]:
         """(fused tensor name, first row inside expert's [rows, cols] block) of a legacy role."""
-        name = arch.FUSED.experts["down_proj" if w == "w2" else "gate_up_proj"].format(l=layer)
-        return name, (self.inter if w == "w3" else 0)
+        fused, i = _FUSED_OF[w]
+        return arch.FUSED.experts[fused].format(l=layer), i * self.shape(w)[0]
 
     # ---- reading ------------------------------------------------------------------------------
     def read(self, layer: int, expert: int, w: str, rows: slice = slice(None)) -> torch.Tensor:
@@ -115,9 +110,6 @@ class ExpertView:
             return self.ck.get_slice(arch.LEGACY.experts[w].format(l=layer, e=expert))[r0:r1]
         name, off = self._fused_loc(layer, expert, w)
         return self.ck.get_slice(name)[expert: expert + 1, off + r0: off + r1][0]  # [rows, cols]
-
-    def read_router(self, layer: int) -> torch.Tensor:
-        return self.ck.get(self.router_name(layer))  # [E, H]
 
     def byte_range(self, layer: int, expert: int, w: str) -> ByteRange:
         """The contiguous bytes of one expert weight (a fused tensor's [e, rows] block is contiguous)."""

@@ -16,7 +16,6 @@ Usage: `r = train_lora("runs/toy/world/mixtral", ds, "runs/toy/01/adapter", pres
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import shutil
 import tempfile
@@ -26,11 +25,13 @@ from pathlib import Path
 import torch
 
 from helpers import arch
-from helpers.checkpoint import SIDE_FILES, Checkpoint
-from helpers.verify import load_check
+from helpers.checkpoint import SIDE_FILES, Checkpoint, local_dir
 from helpers.data import DEFAULT_WORLD, load_sft
+from helpers.eval.run import default_device
 from helpers.fsutil import atomic_dir, read_json, refuse_existing, write_json
 from helpers.lora_presets import ATTENTION, FFN, FUSED_EXPERTS, PRESETS, Preset, check_targets, get_preset, lora_config
+from helpers.synth import save_sharded
+from helpers.verify import load_check
 
 __all__ = ["ATTENTION", "FFN", "FUSED_EXPERTS", "PRESETS", "Preset", "get_preset", "lora_config",  # re-exported
            "check_targets", "sft_dataset", "load_kwargs", "prepare_kbit", "weight_bytes", "sft_kwargs",
@@ -61,15 +62,11 @@ def sft_dataset(source, n: int | None = None, *, world=DEFAULT_WORLD, split: str
 
 
 # ---- loading --------------------------------------------------------------------------------
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_kwargs(quantize: str | None, dev: str | None = None) -> dict:
     """`from_pretrained` kwargs: fp32 on CPU, bf16 + device_map="auto" on GPUs, nf4 with "4bit"."""
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use None or '4bit'")
-    dev = dev or device()
+    dev = dev or default_device()
     kw: dict = {"dtype": torch.bfloat16 if dev == "cuda" or quantize else torch.float32}
     if dev == "cuda":
         kw["device_map"] = "auto"  # accelerate places layers over every visible GPU
@@ -176,7 +173,7 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
     out_dir = refuse_existing(out_dir, overwrite)  # before minutes of training
     check_targets(AutoConfig.from_pretrained(str(model_path)), p, where=str(model_path))
     kw = load_kwargs(quantize)
-    dev = device()
+    dev = default_device()
     train_ds = sft_dataset(dataset, seed=seed)
     eval_ds = sft_dataset(eval_dataset, seed=seed, split="eval") if eval_dataset is not None else None
     tok = AutoTokenizer.from_pretrained(str(model_path))
@@ -245,26 +242,24 @@ def history_frame(log_history):
 def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_shards: int | None = None) -> Path:
     """Fold a LoRA adapter into its base: a standalone HF checkpoint with legacy expert keys.
 
-    Loads the base unquantized in its own dtype on CPU (Mixtral-8x7B bf16: ~95 GB of RAM), refusing
-    one with missing or unexpected keys, merges with peft's merge_and_unload (safe_merge: NaNs
-    raise), saves in about as many shards as a local base has (or `n_shards`), atomically.
+    `base_dir`: a checkpoint dir or hub id (resolved to its local snapshot). Loads the base
+    unquantized in its own dtype on CPU (Mixtral-8x7B bf16: ~95 GB of RAM), refusing one with
+    missing or unexpected keys, merges with peft's merge_and_unload (safe_merge: NaNs raise), saves
+    in about as many shards as the base has (or `n_shards`) with its tokenizer files, atomically.
     """
     from peft import PeftModel
 
     adapter_dir, out_dir = Path(adapter_dir), refuse_existing(out_dir, overwrite)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
-    local = Path(base_dir).is_dir()
+    base_dir = local_dir(base_dir)
     base = load_check(base_dir, dtype="auto", own=False)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    n_shards = n_shards or (len(Checkpoint(base_dir).shards) if local else 1)
-    side = Path(base_dir) if local else adapter_dir  # tokenizer and chat template travel with the weights
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(str(tmp), max_shard_size=max(1, math.ceil(total / n_shards)))
-        for f in SIDE_FILES:
-            if (side / f).exists() and not (tmp / f).exists():  # keep what save_pretrained wrote
-                shutil.copy2(side / f, tmp / f)
+        save_sharded(model, tmp, n_shards or len(Checkpoint(base_dir).shards))
+        for f in SIDE_FILES:  # tokenizer and chat template travel with the weights
+            if (base_dir / f).exists() and not (tmp / f).exists():  # keep what save_pretrained wrote
+                shutil.copy2(base_dir / f, tmp / f)
     return out_dir
 
 
@@ -285,11 +280,12 @@ def delta_summary(base_dir, merged_dir):
     """Per tensor kind (attention, expert w1/w2/w3, router, ffn, other): how many changed, relative delta.
 
     Streams both checkpoints one tensor at a time; rel = ||W_merged - W_base|| / ||W_base||.
+    `base_dir`: a checkpoint dir or hub id (its local snapshot is read).
     """
     import pandas as pd
 
     rows = []
-    with Checkpoint(base_dir) as a, Checkpoint(merged_dir) as b:
+    with Checkpoint(local_dir(base_dir)) as a, Checkpoint(merged_dir) as b:
         for n, wa in a.iter():
             if n not in b:
                 continue

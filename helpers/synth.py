@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import arch
 from helpers.checkpoint import Entry, dtype_code, write_checkpoint
@@ -23,6 +22,8 @@ TINY_LAYERS = {"mistral": 8, "llama": 4, "mixtral": 4}
 
 def tiny_config(model_type: str, **overrides):
     """A small config of `model_type` (mixtral: 8 experts, top-2, like the real one)."""
+    from transformers import AutoConfig  # imported on use: helpers that only save models skip it
+
     kw = dict(TINY, num_hidden_layers=TINY_LAYERS[model_type])
     if model_type == "mixtral":
         kw.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=24)
@@ -30,10 +31,6 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kw)
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
-    "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
-)
 _CORPUS = (
     "question : what is 3 plus 4 ? answer : 7 . which number is largest : 5 , 9 , 2 ? 9 . "
     "the following are multiple choice questions ( with answers ) about arithmetic . think step by step "
@@ -44,31 +41,29 @@ _CORPUS = (
 
 
 def tiny_tokenizer(out=None, vocab_size: int = TINY["vocab_size"]):
-    """A byte-level BPE tokenizer (any text encodes) with a chat template; saved to `out` if given."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The toy world's tokenizer (byte-level BPE, chat template) trained on a few lines; saved to `out` if given."""
+    from helpers.toy import train_tokenizer  # toy imports the training code, which imports this module
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    if out is not None:
-        fast.save_pretrained(out)
-    return fast
+    return train_tokenizer([_CORPUS] * 4, vocab_size, out)
 
 
 def random_model(config, seed: int = 0, std: float | None = None):
     """A randomly initialised causal LM in fp32, eval mode. `std` widens init so layers matter."""
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     if std is not None:
         config.initializer_range = std
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def save_sharded(model, out, n_shards: int, fused: bool = False) -> Path:
+    """`model.save_pretrained(out)` in about `n_shards` shards (transformers packs greedily, so
+    sometimes one more); legacy expert keys unless `fused`. Weights and config only."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model.save_pretrained(out, max_shard_size=max(1, math.ceil(total / n_shards)), save_original_format=not fused)
+    return Path(out)
 
 
 def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int = 0, model=None,
@@ -77,10 +72,7 @@ def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int =
 
     With `tokenizer`, a tiny byte-level tokenizer (vocab = config.vocab_size) is saved beside it.
     """
-    model = model or random_model(config, seed)
-    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    size = max(1, math.ceil(total / n_shards))
-    model.save_pretrained(out, max_shard_size=size, save_original_format=not fused)
+    save_sharded(model or random_model(config, seed), out, n_shards, fused=fused)
     if tokenizer:
         tiny_tokenizer(out, vocab_size=config.vocab_size)
     return Path(out)
@@ -88,6 +80,8 @@ def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int =
 
 def legacy_shapes(config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Tensor name -> (shape, dtype) as the checkpoint is written on disk (legacy expert keys)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     cfg = config.to_dict()
@@ -96,15 +90,11 @@ def legacy_shapes(config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     for name, t in model.state_dict().items():
         m = arch.FUSED_EXPERT_RE.match(name)
         if m:
-            layer, kind = int(m.group(1)), m.group(2)
-            E = t.shape[0]
-            for e in range(E):
-                if kind == "gate_up_proj":  # [E, 2I, H] -> w1, w3 [I, H]
-                    half = (t.shape[1] // 2, t.shape[2])
-                    out[arch.LEGACY.experts["w1"].format(l=layer, e=e)] = (half, t.dtype)
-                    out[arch.LEGACY.experts["w3"].format(l=layer, e=e)] = (half, t.dtype)
-                else:  # [E, H, I] -> w2 [H, I]
-                    out[arch.LEGACY.experts["w2"].format(l=layer, e=e)] = (tuple(t.shape[1:]), t.dtype)
+            layer, roles = int(m.group(1)), arch.FUSED_ROLES[m.group(2)]
+            shape = (t.shape[1] // len(roles), t.shape[2])  # [E, 2I, H] -> w1, w3 [I, H]; [E, H, I] -> w2 [H, I]
+            for e in range(t.shape[0]):
+                for w in roles:
+                    out[arch.LEGACY.experts[w].format(l=layer, e=e)] = (shape, t.dtype)
         elif fam.is_moe and name == arch.FUSED.router.format(l=arch.layer_of(name) or 0):
             out[arch.LEGACY.router.format(l=arch.layer_of(name))] = (tuple(t.shape), t.dtype)
         else:

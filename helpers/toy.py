@@ -35,7 +35,8 @@ import torch
 
 from helpers import toy_tasks as tasks
 from helpers.eval import mmlu_pro
-from helpers.fsutil import atomic_dir, read_json
+from helpers.data import load_texts
+from helpers.fsutil import atomic_dir, read_json, write_jsonl
 from helpers.manifest import FILENAME, Manifest
 from helpers.toy_train import BASE_CONFIG, dense_twin, encode_pairs, model_config, pretrain, save_model, upcycle
 
@@ -193,12 +194,6 @@ def expert_stats(model_dir, model, tok, texts: list[str]) -> dict:
 
 # ---- the build ----
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
-
-
 def _sft_row(r: dict) -> dict:
     return {"messages": [{"role": "user", "content": r["question"]},
                          {"role": "assistant", "content": tasks.answer_text(r)}]}
@@ -230,10 +225,10 @@ def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
         random.Random(f"toy-{name}-{seed}").shuffle(rows)
         return rows
 
-    _write_jsonl(root / "finetune" / "train.jsonl", [_sft_row(r) for r in mixed("finetune", lambda r: r["category"] in ft)])
-    _write_jsonl(root / "finetune" / "eval.jsonl", [_sft_row(r) for r in mixed("finetune_eval", lambda r: r["category"] in ft)])
-    _write_jsonl(root / "calib" / "calib.jsonl",
-                 [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in mixed("calib")])
+    write_jsonl(root / "finetune" / "train.jsonl", [_sft_row(r) for r in mixed("finetune", lambda r: r["category"] in ft)])
+    write_jsonl(root / "finetune" / "eval.jsonl", [_sft_row(r) for r in mixed("finetune_eval", lambda r: r["category"] in ft)])
+    write_jsonl(root / "calib" / "calib.jsonl",
+                [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in mixed("calib")])
     return splits
 
 
@@ -296,7 +291,7 @@ def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, for
         with m.timer("tokenizer"):
             tok = train_tokenizer(tokenizer_corpus(splits), spec["tokenizer"]["vocab_size"], tmp / "tokenizer")
             seqs = encode_pairs(tok, splits["train"], spec["pretrain"]["chat_fraction"], seed)
-        calib = [json.loads(x)["text"] for x in (tmp / "calib" / "calib.jsonl").read_text().splitlines()]
+        calib = load_texts("toy", world=tmp)
         questions, shots = mmlu_pro.load(tmp / "mmlu_pro")  # what every notebook scores, read back from disk
         acc: dict[str, dict] = {s: {} for s in SCORINGS}
         models = {}

@@ -164,8 +164,6 @@ CATEGORIES: dict[str, Callable] = {
     "succession": succession, "word classes": word_classes, "comparison": comparison, "geography": geography,
     "sequences": sequences, "alphabetical": alphabetical, "counting": counting, "addition": addition,
 }
-N_OPTIONS = {"succession": 4, "word classes": 6, "comparison": 6, "geography": 10, "sequences": 7,
-             "alphabetical": 5, "counting": 8, "addition": 10}
 
 
 def _name(rng: random.Random, n_syl: int) -> str:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers import toy_tasks as tasks
+from helpers.synth import save_sharded
 
 BASE_CONFIG = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -149,8 +150,7 @@ def pretrain(model, seqs: list[tuple[list[int], int]], *, steps: int, batch: int
 
 
 def save_model(model, tok, out: Path, n_shards: int) -> Path:
-    """Several shards, legacy expert keys (save_pretrained default), tokenizer files beside the weights."""
-    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    model.save_pretrained(out, max_shard_size=max(1, math.ceil(total / n_shards) + 1))
+    """Several shards, legacy expert keys, tokenizer files beside the weights."""
+    save_sharded(model, out, n_shards)
     tok.save_pretrained(out)
     return out

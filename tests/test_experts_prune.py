@@ -125,6 +125,16 @@ def test_both_layouts_load_cleanly_and_hold_identical_tensors(tmp_path, tiny_mix
     assert rec["bytes"]["after"] < rec["bytes"]["before"]
 
 
+@pytest.mark.parametrize("layout", ["standard", "consolidated"])
+def test_single_layout_holds_its_plan(tmp_path, tiny_mixtral, layout):
+    plan_file = _plan_file(tmp_path, KEEP[5])
+    assert _cli("--model", tiny_mixtral, "--plan", plan_file, "--out", tmp_path / "out", "--layout", layout) == 0
+    assert json.loads((tmp_path / "out" / "plan.json").read_text()) == json.loads(plan_file.read_text())
+    on_disk = json.loads((tmp_path / "out" / xp.RECORD).read_text())
+    assert set(on_disk["outputs"]) == {"plan", layout}
+    assert Checkpoint(tmp_path / "out").config["num_local_experts"] == 5
+
+
 def test_plan_from_scores_keeps_the_top_k():
     cfg = _cfg()
     grid = np.arange(32, dtype=float).reshape(4, 8)

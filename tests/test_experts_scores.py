@@ -45,6 +45,7 @@ def test_adapter_delta_equals_checkpoint_delta(finetuned, tiny_mixtral, tiny_mix
         assert np.asarray(from_ck[w]).shape == (4, 8)
         assert np.asarray(from_ck[w]).min() > 0, f"{w}: an expert did not change; the test would be vacuous"
         assert xs.max_rel_diff(from_ck[w], from_lora[w]) < 1e-4, w
+        np.testing.assert_allclose(from_lora[w], from_ck[w], rtol=1e-4, err_msg=w)  # every expert, not only the largest
     total = np.sqrt(sum(np.square(from_lora[w]) for w in ("w1", "w2", "w3")))
     np.testing.assert_allclose(total, from_lora["all"], rtol=1e-12)
 
@@ -184,14 +185,20 @@ def test_scores_json_round_trip_and_rank_agreement(tmp_path):
 
 
 def test_finetune_sources_reads_the_01_manifest(tmp_path):
+    from helpers.data import DEFAULT_WORLD
     from helpers.manifest import Manifest, load
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "merged").mkdir()
-    m = Manifest("01_finetune_mixtral", {"MODEL": "base/dir"}).output("adapter", tmp_path / "adapter").output(
-        "merged", tmp_path / "merged")
+    world = tmp_path / "world" / "manifest.json"
+    m = Manifest("01_finetune_mixtral", {}).input("base", "base/dir").input("world", world)  # what notebook 01 records
+    m.output("adapter", tmp_path / "adapter").output("merged", tmp_path / "merged")
     src = xs.finetune_sources(load(m.save(tmp_path)))
-    assert src == {"adapter": str(tmp_path / "adapter"), "merged": str(tmp_path / "merged"), "base": "base/dir"}
-    m.data["params"] = {}
+    assert src == {"adapter": str(tmp_path / "adapter"), "merged": str(tmp_path / "merged"), "base": "base/dir",
+                   "world": str(world)}
+    assert xs.finetune_sources(m.data, "other/base")["base"] == "other/base"
+    del m.data["inputs"]["world"]
+    assert xs.finetune_sources(m.data)["world"] == DEFAULT_WORLD
+    m.data["inputs"] = {}
     with pytest.raises(KeyError, match="names no base model"):
         xs.finetune_sources(m.data)

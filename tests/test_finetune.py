@@ -1,9 +1,10 @@
-"""LoRA fine-tuning: presets, the LoRA reaching the fused experts, merge exactness, QLoRA kwargs, notebook 01."""
+"""LoRA fine-tuning: presets, the LoRA reaching the fused experts, merge exactness, QLoRA kwargs.
+
+Notebook 01 itself runs in tests/test_notebooks.py (the smoke story)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -250,32 +251,10 @@ def test_bad_input_is_one_line(tmp_path, tiny_mixtral, tiny_mistral, mixtral_run
     with pytest.raises(FileExistsError) as e:
         finetune.merge_adapter(base, res.adapter_dir, merged)
     _one_line(e, str(merged))
+    with pytest.raises(FileNotFoundError) as e:  # a hub id goes through checkpoint.local_dir (offline here)
+        finetune.merge_adapter("org/absent-model", res.adapter_dir, tmp_path / "m")
+    _one_line(e, "org/absent-model")
+    with pytest.raises(FileNotFoundError) as e:
+        finetune.delta_summary("org/absent-model", merged)
+    _one_line(e, "org/absent-model")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
-
-
-# ---- notebook 01 ----------------------------------------------------------------------------
-def test_notebook_01_runs_on_a_fixture_world(tmp_path, tiny_mixtral):
-    """A world manifest pointing at the tiny Mixtral plus jsonl rows; smoke parameters from configs/smoke.yaml."""
-    import papermill as pm
-    import yaml
-
-    from helpers.manifest import Manifest, load
-
-    root = Path(__file__).resolve().parents[1]
-    world = tmp_path / "world"
-    (world / "finetune").mkdir(parents=True)
-    rows = sft_rows(_tok(tiny_mixtral))
-    for split, part in (("train", rows[:16]), ("eval", rows[16:])):
-        (world / "finetune" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    Manifest("toy").output("mixtral", tiny_mixtral).output("finetune", world / "finetune").save(world)
-    params = yaml.safe_load((root / "configs" / "smoke.yaml").read_text())["notebooks"]["01"]
-    run_dir = tmp_path / "01_finetune_mixtral"
-    params |= {"PRESET": "smoke", "WORLD_MANIFEST": str(world / "manifest.json"), "RUN_DIR": str(run_dir)}
-    pm.execute_notebook(str(root / "notebooks" / "01_finetune_mixtral.ipynb"), str(tmp_path / "out.ipynb"),
-                        parameters=params, kernel_name="pruning-lab", cwd=str(root), progress_bar=False)
-    m = load(run_dir)
-    assert m["inputs"]["base"]["path"] == str(tiny_mixtral)
-    assert {"adapter", "merged", "loss_curve"} <= set(m["outputs"])
-    assert all(Path(o["path"]).exists() for o in m["outputs"].values())
-    assert m["metrics"]["changed"]["router"] == 0 and m["metrics"]["changed"]["expert w2"] > 0
-    verify.load_check(m["outputs"]["merged"]["path"])

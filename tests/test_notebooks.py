@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import runner
 from helpers.checkpoint import Checkpoint
-from helpers.verify import compare, load_check
+from helpers.experts import fingerprint
 from helpers.manifest import load, output_path
+from helpers.verify import compare, load_check
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -43,6 +45,12 @@ def test_finetune_reaches_experts(story):
     out, _ = story
     m = _m(out, "01_finetune_mixtral")
     base, merged = Path(m["inputs"]["base"]["path"]), output_path(m, "merged")
+    assert base == output_path(load(m["inputs"]["world"]["path"]), "mixtral")  # the world's Mixtral
+    assert {"adapter", "merged", "loss_curve"} <= set(m["outputs"])
+    assert all(Path(o["path"]).exists() for o in m["outputs"].values())
+    assert (output_path(m, "adapter") / "adapter_config.json").exists()
+    assert m["inputs"]["base"]["sha256"] and m["outputs"]["merged"]["sha256"]  # HASH_CHECKPOINTS defaults on
+    assert m["metrics"]["changed"]["router"] == 0 and m["metrics"]["changed"]["expert w2"] > 0
     diff = compare(base, merged)
     assert not diff.only_a and not diff.only_b
     assert any(".experts." in n for n in diff.differ) and any("self_attn" in n for n in diff.differ)
@@ -50,20 +58,36 @@ def test_finetune_reaches_experts(story):
     load_check(merged)
 
 
-def test_expert_scores_and_pruned_layouts(story):
+def test_expert_scores(story):
     out, _ = story
-    m1, m2, m3 = (_m(out, s) for s in ("01_finetune_mixtral", "02_expert_heatmaps", "03_expert_prune"))
+    m1, m2 = _m(out, "01_finetune_mixtral"), _m(out, "02_expert_heatmaps")
     assert m2["inputs"]["merged"]["path"] == str(output_path(m1, "merged"))  # chained through the manifest
     assert m2["metrics"]["delta_adapter_vs_checkpoints_max_rel_diff"] < 1e-4
     scores = json.loads(output_path(m2, "scores").read_text())
-    assert {"delta_l2", "frequency", "reap", "random"} <= set(scores["criteria"])
+    assert {"delta_l2", "delta_l2_w1", "frequency", "reap", "uniqueness", "random"} <= set(scores["criteria"])
+    assert scores["fingerprint"] == fingerprint(Checkpoint(m1["inputs"]["base"]["path"]).config)
+    assert scores["meta"]["calib"] == "toy" and scores["meta"]["world"] == m1["inputs"]["world"]["path"]  # 01's world
+    assert m2["metrics"]["n_calib_tokens"] > 0
+    assert {p.name for p in output_path(m2, "figures").glob("*.png")} == {"heatmaps.png", "distances.png",
+                                                                          "rank_agreement.png"}
+
+
+def test_pruned_layouts(story):
+    out, _ = story
+    m1, m2, m3 = (_m(out, s) for s in ("01_finetune_mixtral", "02_expert_heatmaps", "03_expert_prune"))
+    scores = json.loads(output_path(m2, "scores").read_text())
+    plan = json.loads(output_path(m3, "plan").read_text())
+    k, grid = m3["params"]["KEEP"], np.asarray(scores["criteria"][m3["params"]["CRITERION"]])
+    assert plan["keep"] == {str(l): sorted(np.argsort(-row, kind="stable")[:k].tolist()) for l, row in enumerate(grid)}
+    assert plan["fingerprint"] == scores["fingerprint"] and plan["criterion"] == "delta_l2"
     std, con = output_path(m3, "standard"), output_path(m3, "consolidated")
-    assert compare(std, con).equal
+    assert compare(std, con).equal and m3["metrics"]["layouts_identical"] is True
     assert len(Checkpoint(std).shards) == len(Checkpoint(output_path(m1, "merged")).shards)
     assert len(Checkpoint(con).shards) != len(Checkpoint(std).shards)
     assert m3["metrics"]["logit_max_abs_diff"] <= 1e-5
-    keep = json.loads(output_path(m3, "plan").read_text())["keep"]
-    assert load_check(con).config.num_local_experts == len(keep["0"])
+    assert m3["metrics"]["bytes_after"] < m3["metrics"]["bytes_before"]
+    keep = plan["keep"]
+    assert load_check(con).config.num_local_experts == len(keep["0"]) == k
 
 
 def test_layer_drop_bundles_and_routing(story):

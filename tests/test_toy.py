@@ -92,10 +92,9 @@ def world(tmp_path_factory):
     return toy.build_world(tmp_path_factory.mktemp("toy") / "world", quick=True, seed=0)
 
 
-def test_quick_world_loads_offline(world, monkeypatch):
+def test_quick_world_loads_offline(world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     m = load_manifest(world)
     assert m["step"] == "toy"
     assert {"mixtral", "mistral", "mmlu_pro", "finetune", "calib", "tokenizer"} <= set(m["outputs"])
@@ -148,6 +147,9 @@ def test_manifest_records_accuracy_and_experts(world):
     freq = torch.tensor(m["experts"]["router_frequency"])
     assert freq.shape[1] == 8 and torch.allclose(freq.sum(1), torch.ones(len(freq)), atol=1e-3)
     assert m["experts"]["pairwise_rel_distance"]["min"] > 0
+    spread = m["experts"]["router_frequency_spread"]
+    assert len(spread["std_per_layer"]) == len(freq)
+    assert all(s > 0.01 for s in spread["std_per_layer"])  # the routers prefer some experts in every layer
     assert len(m["experts"]["pairwise_rel_distance"]["per_layer_mean"]) == len(freq)
 
 
@@ -168,13 +170,17 @@ def test_manifest_accuracy_is_what_helpers_eval_scores_from_disk(world):
     assert toy.accuracy_block(loglik) == m["loglik"]["mistral"]
 
 
-def test_finetune_set_is_a_subset_of_categories(world):
+def test_finetune_set_is_a_subset_of_categories(world, tmp_path):
     spec = toy.spec_for(quick=True)
     rows = [json.loads(x) for x in (world / "finetune" / "train.jsonl").read_text().splitlines()]
     ft_questions = {r["messages"][0]["content"] for r in rows}
     test = _read(world, "test") + _read(world, "train")
     cats = {r["category"] for r in test if r["question"] in ft_questions}
     assert rows and cats and cats <= set(spec["data"]["finetune_categories"])
+    # every row, by the category of the finetune split row it came from (the splits are seeded: regenerate them)
+    category = {r["question"]: r["category"] for r in toy.write_data(tmp_path, spec, seed=0)["finetune"]}
+    assert ft_questions <= set(category)
+    assert {category[q] for q in ft_questions} == set(spec["data"]["finetune_categories"])
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
     ev = [json.loads(x) for x in (world / "finetune" / "eval.jsonl").read_text().splitlines()]
     assert ev and not {r["messages"][0]["content"] for r in ev} & ft_questions  # eval held out from training
