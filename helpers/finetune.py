@@ -27,7 +27,7 @@ import torch
 from helpers import arch
 from helpers.checkpoint import SIDE_FILES, Checkpoint, local_dir
 from helpers.data import DEFAULT_WORLD, load_sft
-from helpers.eval.run import default_device
+from helpers.verify import default_device
 from helpers.fsutil import atomic_dir, read_json, refuse_existing, write_json
 from helpers.lora_presets import ATTENTION, FFN, FUSED_EXPERTS, PRESETS, Preset, check_targets, get_preset, lora_config
 from helpers.synth import save_sharded
