@@ -14,9 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import alternate, cp_cmd, gb  # noqa: E402
-from helpers.checkpoint import Checkpoint  # noqa: E402
-from helpers.fsutil import dir_bytes  # noqa: E402
-from helpers.synth import synth_checkpoint  # noqa: E402
+from helpers.core.checkpoint import Checkpoint  # noqa: E402
+from helpers.core.fsutil import dir_bytes  # noqa: E402
+from helpers.toy.synth import synth_checkpoint  # noqa: E402
 
 
 def mistral_shaped(target_bytes: int):
@@ -31,8 +31,14 @@ def mistral_shaped(target_bytes: int):
         if params * 2 > target_bytes:
             break
         h = nxt
-    return MistralConfig(hidden_size=h, intermediate_size=int(3.5 * h), num_hidden_layers=32,
-                         num_attention_heads=h // 128, num_key_value_heads=max(1, h // 512), vocab_size=32000)
+    return MistralConfig(
+        hidden_size=h,
+        intermediate_size=int(3.5 * h),
+        num_hidden_layers=32,
+        num_attention_heads=h // 128,
+        num_key_value_heads=max(1, h // 512),
+        vocab_size=32000,
+    )
 
 
 def main() -> None:
@@ -48,19 +54,43 @@ def main() -> None:
         synth_checkpoint(mistral_shaped(int(args.gb * 1e9)), src, n_shards=args.shards)
     size = Checkpoint(src).nbytes
     py = sys.executable
-    res = alternate({
-        "cp -r + sync": (cp_cmd(src, root / "cp"), root / "cp"),
-        "helpers copy (mirror)": ([py, "-m", "helpers", "copy", "--model", str(src), "--out", str(root / "mirror")], root / "mirror"),
-        "helpers copy (max_size 1GB)": ([py, "-m", "helpers", "copy", "--model", str(src), "--out", str(root / "packed"),
-                                         "--max-shard-size", "1GB"], root / "packed"),
-    }, rounds=args.rounds, cwd=Path(__file__).resolve().parents[1])
+    res = alternate(
+        {
+            "cp -r + sync": (cp_cmd(src, root / "cp"), root / "cp"),
+            "helpers copy (mirror)": (
+                [py, "-m", "helpers", "copy", "--model", str(src), "--out", str(root / "mirror")],
+                root / "mirror",
+            ),
+            "helpers copy (max_size 1GB)": (
+                [
+                    py,
+                    "-m",
+                    "helpers",
+                    "copy",
+                    "--model",
+                    str(src),
+                    "--out",
+                    str(root / "packed"),
+                    "--max-shard-size",
+                    "1GB",
+                ],
+                root / "packed",
+            ),
+        },
+        rounds=args.rounds,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     base = res["cp -r + sync"]["median_s"]
-    print(f"checkpoint: {gb(size)} in {len(Checkpoint(src).shards)} shards ({gb(dir_bytes(src))} on disk), "
-          f"{args.rounds} alternating rounds after a warm-up")
+    print(
+        f"checkpoint: {gb(size)} in {len(Checkpoint(src).shards)} shards ({gb(dir_bytes(src))} on disk), "
+        f"{args.rounds} alternating rounds after a warm-up"
+    )
     print(f"{'case':32s} {'median s':>9s} {'/ cp':>7s} {'peak RSS':>10s} {'RSS / ckpt':>11s}")
     for name, r in res.items():
-        print(f"{name:32s} {r['median_s']:9.2f} {r['median_s'] / base:7.2f} {gb(r['peak_rss']):>10s} "
-              f"{r['peak_rss'] / size:11.3f}")
+        print(
+            f"{name:32s} {r['median_s']:9.2f} {r['median_s'] / base:7.2f} {gb(r['peak_rss']):>10s} "
+            f"{r['peak_rss'] / size:11.3f}"
+        )
     (root / "result.json").write_text(json.dumps({"bytes": size, "cases": res}, indent=2))
     for d in ("cp", "mirror", "packed"):
         shutil.rmtree(root / d, ignore_errors=True)

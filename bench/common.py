@@ -10,7 +10,6 @@ import statistics
 import subprocess
 from pathlib import Path
 
-
 # Linux carries a process's peak RSS across fork+exec, so a child forked from this (large) bench
 # process would report our peak as its own. A tiny launcher forks the command from a small process.
 _LAUNCH = """
@@ -48,8 +47,14 @@ def alternate(cases: dict[str, tuple[list[str], Path]], rounds: int, cwd=None) -
             res = timed(cmd, cwd)
             if r:
                 runs[name].append(res)
-    return {k: {"median_s": statistics.median(t for t, _ in v), "times_s": [round(t, 3) for t, _ in v],
-                "peak_rss": max(m for _, m in v)} for k, v in runs.items()}
+    return {
+        k: {
+            "median_s": statistics.median(t for t, _ in v),
+            "times_s": [round(t, 3) for t, _ in v],
+            "peak_rss": max(m for _, m in v),
+        }
+        for k, v in runs.items()
+    }
 
 
 def cp_cmd(src: Path, dst: Path) -> list[str]:

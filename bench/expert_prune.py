@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import timed  # noqa: E402
-from helpers.fsutil import fsync_tree  # noqa: E402  (torch-free: this parent never imports torch)
+from helpers.core.fsutil import fsync_tree  # noqa: E402  (torch-free: this parent never imports torch)
 
 ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}  # for the children
 
@@ -40,14 +40,21 @@ def setup(tmp: Path, hidden: int, keep: int) -> None:
     import numpy as np
     import torch
 
-    from helpers import synth
-    from helpers.checkpoint import Checkpoint
-    from helpers.expert_prune import plan_expert_prune, save_plan
+    from helpers.core.checkpoint import Checkpoint
+    from helpers.experts.prune import plan_expert_prune, save_plan
+    from helpers.toy import synth
 
     # Mixtral-8x7B proportions: intermediate = 3.5 x hidden, head_dim 64, 4 query heads per kv head.
-    cfg = synth.tiny_config("mixtral", num_hidden_layers=32, hidden_size=hidden, intermediate_size=hidden * 7 // 2,
-                            num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
-                            vocab_size=32000, max_position_embeddings=4096)
+    cfg = synth.tiny_config(
+        "mixtral",
+        num_hidden_layers=32,
+        hidden_size=hidden,
+        intermediate_size=hidden * 7 // 2,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     synth.synth_checkpoint(cfg, tmp / "mixtral", n_shards=19, dtype=torch.bfloat16)
     ck = Checkpoint(tmp / "mixtral")
     rng = np.random.default_rng(0)
@@ -58,7 +65,7 @@ def setup(tmp: Path, hidden: int, keep: int) -> None:
 def child_prune(src: str, plan: str, out: str, result: str) -> None:
     """One prune, as `python -m helpers expert-prune` runs it, with import and work timed apart (JSON to `result`)."""
     t0 = time.perf_counter()
-    import helpers.expert_prune  # noqa: F401  (what the CLI handler imports: numpy, no torch)
+    import helpers.experts.prune  # noqa: F401  (what the CLI handler imports: numpy, no torch)
     from helpers.cli import main
 
     t1 = time.perf_counter()
@@ -85,14 +92,18 @@ def bench(args) -> int:
         src, plan, out, copy = tmp / "mixtral", tmp / "plan.json", tmp / "pruned", tmp / "copy"
         total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         n_shards = len(list(src.glob("*.safetensors")))
-        print(f"synthesised 32 layers x 8 experts, hidden {args.hidden}, {n_shards} shards, {total / 1e9:.2f} GB "
-              f"in {time.perf_counter() - t:.0f} s; pruning to {args.keep} experts (layout standard)")
+        print(
+            f"synthesised 32 layers x 8 experts, hidden {args.hidden}, {n_shards} shards, {total / 1e9:.2f} GB "
+            f"in {time.perf_counter() - t:.0f} s; pruning to {args.keep} experts (layout standard)"
+        )
         rows = []
         for r in range(args.rounds):
             row = {}
-            for what in (("prune", "cp") if r % 2 == 0 else ("cp", "prune")):
+            for what in ("prune", "cp") if r % 2 == 0 else ("cp", "prune"):
                 if what == "prune":
-                    wall, row["rss"] = timed(me + ["--child-prune", str(src), str(plan), str(out), str(tmp / "prune.json")])
+                    wall, row["rss"] = timed(
+                        me + ["--child-prune", str(src), str(plan), str(out), str(tmp / "prune.json")]
+                    )
                     row.update(json.loads((tmp / "prune.json").read_text()), wall_s=wall)
                     row["out_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
                     shutil.rmtree(out)
@@ -101,26 +112,40 @@ def bench(args) -> int:
                     row["cp_fsync_s"] = row["cp_s"] + fsync_s(copy)
                     shutil.rmtree(copy)
             rows.append(row)
-            print(f"round {r}: prune {row['prune_s']:.2f} s (+ {row['import_s']:.2f} s import; process {row['wall_s']:.2f} s,"
-                  f" peak RSS {row['rss'] / 1e6:.0f} MB) | cp -r {row['cp_s']:.2f} s, + fsync {row['cp_fsync_s']:.2f} s"
-                  + ("  [dropped]" if r == 0 and args.rounds > 1 else ""))
+            print(
+                f"round {r}: prune {row['prune_s']:.2f} s (+ {row['import_s']:.2f} s import; process {row['wall_s']:.2f} s,"
+                f" peak RSS {row['rss'] / 1e6:.0f} MB) | cp -r {row['cp_s']:.2f} s, + fsync {row['cp_fsync_s']:.2f} s"
+                + ("  [dropped]" if r == 0 and args.rounds > 1 else "")
+            )
         kept = rows[1:] or rows
-        med = {k: statistics.median(x[k] for x in kept) for k in ("prune_s", "import_s", "wall_s", "cp_s", "cp_fsync_s")}
+        med = {
+            k: statistics.median(x[k] for x in kept) for k in ("prune_s", "import_s", "wall_s", "cp_s", "cp_fsync_s")
+        }
         rss = max(x["rss"] for x in rows)
         result = {
-            "checkpoint_gb": round(total / 1e9, 3), "pruned_gb": round(rows[-1]["out_bytes"] / 1e9, 3),
-            "shards": n_shards, "rounds_kept": len(kept), **{k: round(v, 3) for k, v in med.items()},
+            "checkpoint_gb": round(total / 1e9, 3),
+            "pruned_gb": round(rows[-1]["out_bytes"] / 1e9, 3),
+            "shards": n_shards,
+            "rounds_kept": len(kept),
+            **{k: round(v, 3) for k, v in med.items()},
             "prune_over_cp": round(med["prune_s"] / med["cp_s"], 3),
             "prune_over_cp_fsync": round(med["prune_s"] / med["cp_fsync_s"], 3),
             "process_over_cp": round(med["wall_s"] / med["cp_s"], 3),
-            "peak_rss_mb": round(rss / 1e6, 1), "peak_rss_over_checkpoint": round(rss / total, 4),
+            "peak_rss_mb": round(rss / 1e6, 1),
+            "peak_rss_over_checkpoint": round(rss / total, 4),
         }
         print(json.dumps(result, indent=2))
-        print(f"prune / (cp -r + fsync) time: {result['prune_over_cp_fsync']:.2f}  target <= 1.0 "
-              f"(both durable; the prune fsyncs before its atomic rename)")
-        print(f"prune / plain cp -r time: {result['prune_over_cp']:.2f} (cp leaves its copy in dirty page cache); "
-              f"whole prune process incl. Python start-up / cp+fsync: {result['process_over_cp'] * result['cp_s'] / result['cp_fsync_s']:.2f}")
-        print(f"peak RSS / checkpoint bytes: {result['peak_rss_over_checkpoint']:.3f} ({result['peak_rss_mb']:.0f} MB)  target < 0.10")
+        print(
+            f"prune / (cp -r + fsync) time: {result['prune_over_cp_fsync']:.2f}  target <= 1.0 "
+            f"(both durable; the prune fsyncs before its atomic rename)"
+        )
+        print(
+            f"prune / plain cp -r time: {result['prune_over_cp']:.2f} (cp leaves its copy in dirty page cache); "
+            f"whole prune process incl. Python start-up / cp+fsync: {result['process_over_cp'] * result['cp_s'] / result['cp_fsync_s']:.2f}"
+        )
+        print(
+            f"peak RSS / checkpoint bytes: {result['peak_rss_over_checkpoint']:.3f} ({result['peak_rss_mb']:.0f} MB)  target < 0.10"
+        )
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,18 +28,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import cp_cmd, timed  # noqa: E402
-from helpers import bundles, layers, synth  # noqa: E402
-from helpers.checkpoint import Checkpoint  # noqa: E402
-from helpers.fsutil import dir_bytes  # noqa: E402
+from helpers.core.checkpoint import Checkpoint  # noqa: E402
+from helpers.core.fsutil import dir_bytes  # noqa: E402
+from helpers.layers import bundles  # noqa: E402
+from helpers.layers import drop as layers  # noqa: E402
+from helpers.toy import synth  # noqa: E402
 
 WORDS = synth._CORPUS.split()
 
 
 def mistral_shaped(layers_: int, hidden: int, inter: int, vocab: int = 32000, heads: int = 8, kv: int = 2):
     """Mistral-7B's proportions (4 query heads per kv head, head_dim 128 at full size), narrower."""
-    return synth.tiny_config("mistral", num_hidden_layers=layers_, hidden_size=hidden, intermediate_size=inter,
-                             vocab_size=vocab, num_attention_heads=heads, num_key_value_heads=kv,
-                             head_dim=hidden // heads, max_position_embeddings=4096)
+    return synth.tiny_config(
+        "mistral",
+        num_hidden_layers=layers_,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        max_position_embeddings=4096,
+    )
 
 
 def texts(n: int, words: int, seed: int = 0) -> list[str]:
@@ -75,12 +85,23 @@ def bench_calibration(model, tok, n_texts: int, seq_len: int, batch_size: int, r
         for b in batches:
             model(**b, use_cache=False)
 
-    t = best_of({"calibration": lambda: layers.angular_distances(model, batches=batches, progress=False),
-                 "forward_decoder": plain_decoder, "forward_with_lm_head": plain_full}, repeats)
+    t = best_of(
+        {
+            "calibration": lambda: layers.angular_distances(model, batches=batches, progress=False),
+            "forward_decoder": plain_decoder,
+            "forward_with_lm_head": plain_full,
+        },
+        repeats,
+    )
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    return {"batches": len(batches), "tokens": tokens, **{f"{k}_s": round(v, 4) for k, v in t.items()},
-            "ratio_vs_decoder_forward": round(t["calibration"] / t["forward_decoder"], 3),
-            "ratio_vs_full_forward": round(t["calibration"] / t["forward_with_lm_head"], 3), "target": "<= 1.15"}
+    return {
+        "batches": len(batches),
+        "tokens": tokens,
+        **{f"{k}_s": round(v, 4) for k, v in t.items()},
+        "ratio_vs_decoder_forward": round(t["calibration"] / t["forward_decoder"], 3),
+        "ratio_vs_full_forward": round(t["calibration"] / t["forward_with_lm_head"], 3),
+        "target": "<= 1.15",
+    }
 
 
 # ---- 2. decode speed per stage ----------------------------------------------------------------
@@ -111,16 +132,23 @@ def bench_stages(src: Path, work: Path, n_drop: int, new_tokens: int, repeats: i
     tps = {s: 1.0 / v for s, v in sec.items()}
     L_a = L - n_drop
     ratio = tps["A"] / tps["FULL"]
-    return {"model": name, "L": L, "L_A": L_a, "tokens_per_s_A": round(tps["A"], 2),
-            "tokens_per_s_FULL": round(tps["FULL"], 2), "ratio_A_over_FULL": round(ratio, 3),
-            "target": round(0.9 * L / L_a, 3), "ratio_over_target": round(ratio / (0.9 * L / L_a), 3)}
+    return {
+        "model": name,
+        "L": L,
+        "L_A": L_a,
+        "tokens_per_s_A": round(tps["A"], 2),
+        "tokens_per_s_FULL": round(tps["FULL"], 2),
+        "ratio_A_over_FULL": round(ratio, 3),
+        "target": round(0.9 * L / L_a, 3),
+        "ratio_over_target": round(ratio / (0.9 * L / L_a), 3),
+    }
 
 
 # ---- 3. surgery vs cp -------------------------------------------------------------------------
 SURGERY = """
 import json, re, shutil, sys, time
-from helpers import layers, bundles
-from helpers.checkpoint import Checkpoint
+from helpers.layers import bundles, drop as layers
+from helpers.core.checkpoint import Checkpoint
 from transformers import AutoConfig  # a fixed import cost (seconds on a busy box), not surgery
 src, a, r, full, what = sys.argv[1:6]
 for old in ([a, r] if what == "drop" else [full] if what in ("assemble", "copy") else []):
@@ -132,7 +160,7 @@ if what == "drop":
 elif what == "assemble":
     bundles.assemble(a, r, "FULL", full, overwrite=True)
 elif what == "copy":  # the foundation's streaming copy, the same writer with nothing to change
-    from helpers.checkpoint import copy_checkpoint
+    from helpers.core.checkpoint import copy_checkpoint
     copy_checkpoint(src, full, overwrite=True)
 dt = time.perf_counter() - t
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
@@ -143,8 +171,9 @@ print(json.dumps({"seconds": dt, "max_rss": hwm}))
 
 def child(*argv) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", SURGERY, *map(str, argv)], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SURGERY, *map(str, argv)], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -176,17 +205,24 @@ def bench_surgery(work: Path, cfg, repeats: int) -> dict:
     t = {k: min(v) for k, v in runs.items()}
     shutil.rmtree(dst, ignore_errors=True)
     mb = 1e6
-    return {"checkpoint_bytes": nbytes, "checkpoint_GB": round(nbytes / 1e9, 3), "layers": L, "dropped": block,
-            **{f"{k}_s": round(v, 3) for k, v in t.items()},
-            "drop_over_cp": round(t["drop"] / t["cp"], 3), "drop_over_cp_fsync": round(t["drop"] / t["cp_fsync"], 3),
-            "drop_over_copy_checkpoint": round(t["drop"] / t["copy_checkpoint"], 3),
-            "assemble_over_cp": round(t["assemble"] / t["cp"], 3),
-            "assemble_over_cp_fsync": round(t["assemble"] / t["cp_fsync"], 3),
-            "baseline_rss_MB": round(baseline["max_rss"] / mb, 1),
-            "drop_peak_rss_MB": round(rss["drop"] / mb, 1), "assemble_peak_rss_MB": round(rss["assemble"] / mb, 1),
-            "drop_peak_rss_over_bytes": round(rss["drop"] / nbytes, 3),
-            "drop_rss_above_baseline_over_bytes": round((rss["drop"] - baseline["max_rss"]) / nbytes, 4),
-            "assemble_rss_above_baseline_over_bytes": round((rss["assemble"] - baseline["max_rss"]) / nbytes, 4)}
+    return {
+        "checkpoint_bytes": nbytes,
+        "checkpoint_GB": round(nbytes / 1e9, 3),
+        "layers": L,
+        "dropped": block,
+        **{f"{k}_s": round(v, 3) for k, v in t.items()},
+        "drop_over_cp": round(t["drop"] / t["cp"], 3),
+        "drop_over_cp_fsync": round(t["drop"] / t["cp_fsync"], 3),
+        "drop_over_copy_checkpoint": round(t["drop"] / t["copy_checkpoint"], 3),
+        "assemble_over_cp": round(t["assemble"] / t["cp"], 3),
+        "assemble_over_cp_fsync": round(t["assemble"] / t["cp_fsync"], 3),
+        "baseline_rss_MB": round(baseline["max_rss"] / mb, 1),
+        "drop_peak_rss_MB": round(rss["drop"] / mb, 1),
+        "assemble_peak_rss_MB": round(rss["assemble"] / mb, 1),
+        "drop_peak_rss_over_bytes": round(rss["drop"] / nbytes, 3),
+        "drop_rss_above_baseline_over_bytes": round((rss["drop"] - baseline["max_rss"]) / nbytes, 4),
+        "assemble_rss_above_baseline_over_bytes": round((rss["assemble"] - baseline["max_rss"]) / nbytes, 4),
+    }
 
 
 def main(argv=None) -> int:
@@ -205,23 +241,33 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     q = args.quick
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                          "torch": torch.__version__, "device": "cpu"}}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": args.threads,
+            "torch": torch.__version__,
+            "device": "cpu",
+        }
+    }
 
     narrow = mistral_shaped(*((8, 128, 448) if q else (32, 512, 1792)))
     if not ({"calibration", "stages"} <= skip):
         model = synth.random_model(narrow, seed=0)
-        src = synth.save_random(narrow, work / "narrow_src", n_shards=4, model=model, tokenizer=True) \
-            if "stages" not in skip else None
+        src = (
+            synth.save_random(narrow, work / "narrow_src", n_shards=4, model=model, tokenizer=True)
+            if "stages" not in skip
+            else None
+        )
         tok = synth.tiny_tokenizer()
         if "calibration" not in skip:
-            report["calibration"] = bench_calibration(model, tok, 16 if q else 32, 32 if q else 64, 8,
-                                                      args.repeats + 2)
+            report["calibration"] = bench_calibration(model, tok, 16 if q else 32, 32 if q else 64, 8, args.repeats + 2)
             print("calibration", json.dumps(report["calibration"]), flush=True)
         del model, tok
         if src is not None:
-            report["stages_narrow"] = bench_stages(src, work, narrow.num_hidden_layers // 4, 8 if q else 48,
-                                                   args.repeats, "narrow")
+            report["stages_narrow"] = bench_stages(
+                src, work, narrow.num_hidden_layers // 4, 8 if q else 48, args.repeats, "narrow"
+            )
             print("stages", json.dumps(report["stages_narrow"]), flush=True)
     toy = Path(args.toy)
     if "toy" not in skip and toy.exists():

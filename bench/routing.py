@@ -17,9 +17,10 @@ import time
 
 import torch
 
-from helpers import routing, synth
-from helpers.layers import keep_layers_copy
-from helpers.verify import default_device, default_dtype
+from helpers.core.models import default_device, default_dtype
+from helpers.layers import routing
+from helpers.layers.drop import keep_layers_copy
+from helpers.toy import synth
 
 
 def main() -> None:
@@ -35,15 +36,25 @@ def main() -> None:
     dev = default_device()
     dtype = getattr(torch, default_dtype(dev))
     L = args.layers
-    cfg = synth.tiny_config("mistral", hidden_size=args.hidden, intermediate_size=int(args.hidden * 3.5),
-                            num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256),
-                            num_hidden_layers=L, vocab_size=args.vocab, max_position_embeddings=4096)
+    cfg = synth.tiny_config(
+        "mistral",
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 3.5),
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        num_hidden_layers=L,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+    )
     full = synth.random_model(cfg, seed=0).to(dev, dtype)
     n_drop = round(0.25 * L)
     block = list(range(L - 1 - n_drop, L - 1))  # the n layers before the last
     half = block[: len(block) // 2]
-    stages = {"A": keep_layers_copy(full, [i for i in range(L) if i not in block]),
-              "AB": keep_layers_copy(full, [i for i in range(L) if i not in block or i in half]), "FULL": full}
+    stages = {
+        "A": keep_layers_copy(full, [i for i in range(L) if i not in block]),
+        "AB": keep_layers_copy(full, [i for i in range(L) if i not in block or i in half]),
+        "FULL": full,
+    }
     tok = synth.tiny_tokenizer()
     th = routing.Thresholds(0.0, 0.0, "manual", None, 0, "bench")
     router = routing.Router(stages, tok, th)
@@ -60,8 +71,15 @@ def main() -> None:
     def t_generate(st: str) -> float:
         routing._sync(torch.device(dev))
         t = time.perf_counter()
-        out = stages[st].generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  do_sample=False, use_cache=True, pad_token_id=0)
+        out = stages[st].generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
         routing._sync(torch.device(dev))
         assert out.shape[1] - ids.shape[1] == args.new_tokens
         return time.perf_counter() - t
@@ -76,14 +94,20 @@ def main() -> None:
     layers = {st: routing.n_layers(m) for st, m in stages.items()}
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; Mistral-shaped hidden {args.hidden}, vocab {args.vocab}, layers {layers}, {dtype}")
-    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.reps}; router {router.thresholds.method}")
+    print(
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.reps}; router {router.thresholds.method}"
+    )
     print(f"entropy pass on A: {med['entropy'] * 1e3:.1f} ms")
     for st in routing.STAGES:
         print(f"generate {st:>4} ({layers[st]:2d} layers): {args.new_tokens / med[st]:8.1f} tok/s")
     print(f"overhead: entropy pass / FULL generation = {med['entropy'] / med['FULL']:.3f}")
-    print(f"A / FULL decode speed = {med['FULL'] / med['A']:.3f} (layer ratio L/L_A = {layers['FULL'] / layers['A']:.3f})")
+    print(
+        f"A / FULL decode speed = {med['FULL'] / med['A']:.3f} (layer ratio L/L_A = {layers['FULL'] / layers['A']:.3f})"
+    )
     print(f"routed to A, end to end: FULL time / (entropy + A time) = {med['FULL'] / (med['entropy'] + med['A']):.3f}")
-    print(f"routed to FULL, end to end: (entropy + FULL time) / FULL time = {(med['entropy'] + med['FULL']) / med['FULL']:.3f}")
+    print(
+        f"routed to FULL, end to end: (entropy + FULL time) / FULL time = {(med['entropy'] + med['FULL']) / med['FULL']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import toy
-from helpers.manifest import load
+from helpers.core.manifest import load
+from helpers.toy import world as toy
 
 
 def main() -> None:
@@ -31,8 +31,10 @@ def main() -> None:
     for k, v in m["timings_s"].items():
         print(f"{k:<16}{v:>9.1f}")
     print(f"{'total (build)':<16}{total:>9.1f}   target: {'30' if a.quick else '360'} s")
-    print(f"threads {m['metrics']['threads']}, load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"threads {m['metrics']['threads']}, load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

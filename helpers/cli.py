@@ -37,18 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--preset", default="toy", help="configs/<preset>.yaml (default: toy)")
     _opt(p, "--only", default=None, help="comma-separated notebook numbers, e.g. 03,04")
     _opt(p, "--out", default=None, help="output root (default: runs/<preset>)")
-    _opt(p, "--set", action="append", default=[], metavar="NN.KEY=VALUE",
-         help="override one notebook parameter (YAML value), e.g. 01.MAX_STEPS=5; repeatable")
+    _opt(
+        p,
+        "--set",
+        action="append",
+        default=[],
+        metavar="NN.KEY=VALUE",
+        help="override one notebook parameter (YAML value), e.g. 01.MAX_STEPS=5; repeatable",
+    )
     _opt(p, "--no-html", action="store_true", help="skip the HTML renders")
 
-    p = cmd("toy", "helpers.toy:cli_toy", "the toy world: tiny trained Mixtral and Mistral plus an MMLU-Pro-style set")
+    p = cmd(
+        "toy", "helpers.toy.world:cli_toy", "the toy world: tiny trained Mixtral and Mistral plus an MMLU-Pro-style set"
+    )
     p.add_argument("action", choices=["build"], help="build (cached: rebuilt only when spec or seed change)")
     _opt(p, "--out", default="runs/toy/world", help="output directory")
     _opt(p, "--quick", action="store_true", help="tiny and fast (tests)")
     _opt(p, "--seed", type=int, default=0)
     _opt(p, "--force", action="store_true", help="rebuild even if cached")
 
-    p = cmd("expert-prune", "helpers.expert_prune:cli_expert_prune", "keep k experts per layer of a Mixtral checkpoint")
+    p = cmd(
+        "expert-prune", "helpers.experts.prune:cli_expert_prune", "keep k experts per layer of a Mixtral checkpoint"
+    )
     _opt(p, "--model", required=True, help="checkpoint directory (legacy or fused expert keys)")
     _opt(p, "--scores", help="scores.json from notebook 02")
     _opt(p, "--criterion", default="delta_l2", help="score to rank experts by (with --scores)")
@@ -59,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-shard-size", default=None, help="consolidated shard size, e.g. 10GB")
     _opt(p, "--overwrite", action="store_true")
 
-    p = cmd("layer-drop", "helpers.layers:cli_layer_drop", "drop the most redundant block of layers (angular distance)")
+    p = cmd(
+        "layer-drop", "helpers.layers.drop:cli_layer_drop", "drop the most redundant block of layers (angular distance)"
+    )
     _opt(p, "--model", required=True, help="checkpoint directory or hub id")
     _opt(p, "--drop-frac", type=float, default=0.25, help="fraction of layers to drop, in [0, 1)")
     _opt(p, "--keep-last-layer", action="store_true", help="only blocks that end before the last layer")
@@ -72,21 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--n-bundles", type=int, default=2)
     _opt(p, "--overwrite", action="store_true")
 
-    p = cmd("assemble", "helpers.bundles:cli_assemble", "rebuild stage AB or FULL from stage A plus bundles")
+    p = cmd("assemble", "helpers.layers.bundles:cli_assemble", "rebuild stage AB or FULL from stage A plus bundles")
     _opt(p, "--base-model", required=True, help="stage A checkpoint")
     _opt(p, "--bundles-dir", required=True)
     _opt(p, "--stage", required=True, choices=["A", "AB", "FULL"])
     _opt(p, "--out", required=True)
     _opt(p, "--overwrite", action="store_true")
 
-    p = cmd("route", "helpers.routing:cli_route", "entropy-routed generation over stages A/AB/FULL (REPL without --prompt)")
+    p = cmd(
+        "route",
+        "helpers.layers.routing:cli_route",
+        "entropy-routed generation over stages A/AB/FULL (REPL without --prompt)",
+    )
     _opt(p, "--base-model", required=True, help="stage A checkpoint")
     _opt(p, "--bundles-dir", required=True)
     _opt(p, "--thresholds", default=None, help="thresholds.json (default: BUNDLES/thresholds.json)")
     _opt(p, "--prompt", default=None)
     _opt(p, "--max-new-tokens", type=int, default=32)
 
-    p = cmd("evaluate", "helpers.eval:cli_evaluate", "MMLU-Pro or LightEval on one model")
+    p = cmd("evaluate", "helpers.eval.run:cli_evaluate", "MMLU-Pro or LightEval on one model")
     _opt(p, "--model", required=True)
     _opt(p, "--bench", choices=["mmlu-pro", "lighteval"], default="mmlu-pro")
     _opt(p, "--mode", choices=["cot", "loglik", "cloze"], default="loglik")
@@ -94,22 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--limit", type=int, default=None, help="questions in total")
     _opt(p, "--variant", default=None, help="variant name recorded in results.json")
     _opt(p, "--out", required=True, help="eval_results/<preset>/<variant>/")
-    _opt(p, "--dtype", choices=["float32", "bfloat16", "float16", "4bit"], default=None,
-         help="default: float32 on CPU, bfloat16 on CUDA")
+    _opt(
+        p,
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "4bit"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     _opt(p, "--batch-size", type=int, default=8)
     _opt(p, "--max-new-tokens", type=int, default=256, help="CoT generation budget")
 
-    p = cmd("copy", "helpers.checkpoint:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
+    p = cmd("copy", "helpers.core.checkpoint:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
     _opt(p, "--model", required=True)
     _opt(p, "--out", required=True)
     _opt(p, "--max-shard-size", default=None, help="pack to this size instead of mirroring")
     _opt(p, "--overwrite", action="store_true")
 
-    p = cmd("compare", "helpers.verify:cli_compare", "compare two checkpoints tensor by tensor (sha256)")
+    p = cmd("compare", "helpers.core.verify:cli_compare", "compare two checkpoints tensor by tensor (sha256)")
     p.add_argument("a")
     p.add_argument("b")
 
-    p = cmd("load-check", "helpers.verify:cli_load_check", "load with AutoModelForCausalLM; fail on any missing/unexpected key")
+    p = cmd(
+        "load-check",
+        "helpers.core.verify:cli_load_check",
+        "load with AutoModelForCausalLM; fail on any missing/unexpected key",
+    )
     p.add_argument("model")
     return ap
 

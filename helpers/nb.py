@@ -1,6 +1,7 @@
 """Notebook plumbing: one call at the top of every notebook (repo root as cwd, plot style, seeds).
 
-Usage: `from helpers import nb; ROOT = nb.setup()`; last cell: `nb.findings(manifest, ["metric", ...])`
+Usage: `from helpers import nb; ROOT = nb.setup()`; Run cell: `result = step.run(nb.params(globals()))`;
+last cell: `nb.findings(manifest, ["metric", ...])`
 """
 
 from __future__ import annotations
@@ -83,3 +84,10 @@ def findings(manifest, keys: list[str], path=None):
         rows.append(f"| {k} | {_fmt(v)} |")
     where = f"\n\nManifest: `{path}`" if path else ""
     display(Markdown("| this run | value |\n|---|---|\n" + "\n".join(rows) + where))
+
+
+def params(namespace: dict):
+    """The notebook's parameters (its UPPER_CASE globals) as the `Params` its step's `run` takes."""
+    from helpers.core.steps import Params
+
+    return Params({k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")})

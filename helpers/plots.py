@@ -24,7 +24,9 @@ def loss_curve(history, title: str = "LoRA fine-tuning"):
     train = history[history["metric"] == "train loss"]
     evals = history[history["metric"] == "eval loss"]
     if len(train):
-        sns.lineplot(data=train, x="step", y="value", ax=ax, label="train loss", marker="o" if len(train) < 30 else None)
+        sns.lineplot(
+            data=train, x="step", y="value", ax=ax, label="train loss", marker="o" if len(train) < 30 else None
+        )
     if len(evals):
         sns.scatterplot(data=evals, x="step", y="value", ax=ax, label="eval loss", color="C3", s=80, zorder=3)
     ax.set(xlabel="optimizer step", ylabel="loss (nats / token)", title=title)
@@ -63,8 +65,9 @@ def expert_distance_grid(distances: dict[str, list], cols: int = 4, title: str =
     fig, axes = _grid(len(layers), cols, 3.3, 3.0)
     for i, (ax, l) in enumerate(zip(axes, layers)):
         m = mats[l]
-        sns.heatmap(m, ax=ax, mask=np.eye(len(m), dtype=bool), cmap="mako", vmin=vmin, vmax=vmax, square=True,
-                    cbar=False)
+        sns.heatmap(
+            m, ax=ax, mask=np.eye(len(m), dtype=bool), cmap="mako", vmin=vmin, vmax=vmax, square=True, cbar=False
+        )
         ax.set(title=f"layer {l}", xlabel="expert", ylabel="expert" if i % cols == 0 else "")
     fig.colorbar(axes[0].collections[0], ax=list(axes)[: len(layers)], shrink=0.6, label="||W_i - W_j||_F")
     fig.suptitle(title)
@@ -90,8 +93,18 @@ def kept_experts(keep: dict[str, list], n_experts: int, title: str = "Experts ke
             mask[r, e] = 1
             labels[r, e] = str(new)
     fig, ax = plt.subplots(figsize=(0.5 * n_experts + 2, 0.3 * len(layers) + 1.5))
-    sns.heatmap(mask, ax=ax, cmap="Blues", vmin=0, vmax=1.4, cbar=False, annot=labels, fmt="", linewidths=0.5,
-                yticklabels=layers)
+    sns.heatmap(
+        mask,
+        ax=ax,
+        cmap="Blues",
+        vmin=0,
+        vmax=1.4,
+        cbar=False,
+        annot=labels,
+        fmt="",
+        linewidths=0.5,
+        yticklabels=layers,
+    )
     ax.set(title=title, xlabel="original expert id (label: new id)", ylabel="layer")
     fig.tight_layout()
     return fig
@@ -172,8 +185,16 @@ def distance_heatmap(D: np.ndarray, plan: dict | None = None, ax=None):
     the chosen block is boxed."""
     L = D.shape[1]
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 + 0.45 * L, 1.0 + 0.4 * L))
-    sns.heatmap(D[1:], mask=np.isnan(D[1:]), cmap="viridis_r", ax=ax, square=True,
-                cbar_kws={"label": "angular distance / pi"}, xticklabels=range(L), yticklabels=range(1, L + 1))
+    sns.heatmap(
+        D[1:],
+        mask=np.isnan(D[1:]),
+        cmap="viridis_r",
+        ax=ax,
+        square=True,
+        cbar_kws={"label": "angular distance / pi"},
+        xticklabels=range(L),
+        yticklabels=range(1, L + 1),
+    )
     ax.grid(False)
     ax.set_xlabel("first layer of the block, l")
     ax.set_ylabel("block size, n")
@@ -192,11 +213,26 @@ def min_distance_curve(best: list[dict], plan: dict | None = None, ax=None):
     ns = [r["n"] for r in best]
     ax.plot(ns, [r["distance"] for r in best], marker="o")
     for r in best:
-        ax.annotate(str(r["l"]), (r["n"], r["distance"]), textcoords="offset points", xytext=(0, 6), ha="center",
-                    fontsize=7, color="gray")
+        ax.annotate(
+            str(r["l"]),
+            (r["n"], r["distance"]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=7,
+            color="gray",
+        )
     if plan is not None and plan.get("block_distance") is not None:
-        ax.scatter([plan["n_drop"]], [plan["block_distance"]], s=120, facecolors="none", edgecolors="red", lw=2,
-                   zorder=3, label=f"chosen: n={plan['n_drop']}, l={plan['block'][0]}")
+        ax.scatter(
+            [plan["n_drop"]],
+            [plan["block_distance"]],
+            s=120,
+            facecolors="none",
+            edgecolors="red",
+            lw=2,
+            zorder=3,
+            label=f"chosen: n={plan['n_drop']}, l={plan['block'][0]}",
+        )
         ax.legend(loc="lower right")
     ax.set_xlabel("block size n (layers dropped)")
     ax.set_ylabel("min over l of distance")
@@ -211,9 +247,20 @@ def entropy_by_correctness(df: pd.DataFrame):
 
     `df`: long form, columns entropy, stage (A/AB/FULL), correct (bool).
     """
-    g = sns.displot(df, x="entropy", hue="correct", col="stage", kind="hist", element="step", stat="density",
-                    common_norm=False, height=3.2, aspect=1.1, hue_order=[True, False],
-                    palette={True: "tab:green", False: "tab:red"})
+    g = sns.displot(
+        df,
+        x="entropy",
+        hue="correct",
+        col="stage",
+        kind="hist",
+        element="step",
+        stat="density",
+        common_norm=False,
+        height=3.2,
+        aspect=1.1,
+        hue_order=[True, False],
+        palette={True: "tab:green", False: "tab:red"},
+    )
     g.set_axis_labels("stage A next-token entropy (nats)", "density")
     g.set_titles("answered by {col_name}")
     g.figure.suptitle("Does A's uncertainty predict who gets it right?", y=1.04)
@@ -230,8 +277,14 @@ def routing_tradeoff(sweep: pd.DataFrame, marks: pd.DataFrame | None = None):
     sns.scatterplot(sweep, x="avg_layers", y="accuracy", color="0.75", s=18, ax=ax, label="threshold pairs")
     front = sweep[sweep["pareto"]].drop_duplicates(["avg_layers", "accuracy"]).sort_values("avg_layers")
     ax.plot(front["avg_layers"], front["accuracy"], "-o", color="tab:blue", ms=4, label="entropy routing (frontier)")
-    ax.plot(front["avg_layers"], front["blind_accuracy"], "--", color="tab:gray", lw=1,
-            label="frontier's mixes, routed blindly")
+    ax.plot(
+        front["avg_layers"],
+        front["blind_accuracy"],
+        "--",
+        color="tab:gray",
+        lw=1,
+        label="frontier's mixes, routed blindly",
+    )
     if marks is not None and len(marks):
         sns.scatterplot(marks, x="avg_layers", y="accuracy", hue="name", style="name", s=90, ax=ax, zorder=5)
     ax.set_xlabel("average decoder layers used per question")
@@ -255,7 +308,11 @@ def healing(losses: pd.DataFrame, history: pd.DataFrame | None = None):
     for c in ax.containers:
         ax.bar_label(c, fmt="%.3f", fontsize=8)
     lo, hi = losses["loss"].min(), losses["loss"].max()
-    ax.set(title="held-out loss (nats/token)", xlabel="", ylim=(max(0.0, lo - 0.5 * (hi - lo) - 1e-3), hi + 0.15 * (hi - lo) + 1e-3))
+    ax.set(
+        title="held-out loss (nats/token)",
+        xlabel="",
+        ylim=(max(0.0, lo - 0.5 * (hi - lo) - 1e-3), hi + 0.15 * (hi - lo) + 1e-3),
+    )
     ax.tick_params(axis="x", rotation=20)
     if n == 2:
         train = history[history["metric"] == "train loss"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from helpers.fsutil import write_json
+from helpers.core.fsutil import write_json
 from helpers.nb import repo_root
 
 KERNEL = "pruning-lab"
@@ -137,15 +137,30 @@ def to_html(nb_path: Path) -> Path:
     return out
 
 
-def build_world(spec: dict, root: Path) -> None:
-    cmd = [sys.executable, "-m", "helpers", "toy", "build", "--out", str(spec.get("out", "runs/toy/world")),
-           "--seed", str(spec.get("seed", 0))] + (["--quick"] if spec.get("quick") else [])
+def ensure_world(spec: dict, root: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "helpers",
+        "toy",
+        "build",
+        "--out",
+        str(spec.get("out", "runs/toy/world")),
+        "--seed",
+        str(spec.get("seed", 0)),
+    ] + (["--quick"] if spec.get("quick") else [])
     print(f"[world] {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=root, check=True)
 
 
-def run(preset: str = "toy", only: str | None = None, out: str | None = None, overrides: dict | None = None,
-        html: bool = True, root: Path | None = None) -> list[Path]:
+def run(
+    preset: str = "toy",
+    only: str | None = None,
+    out: str | None = None,
+    overrides: dict | None = None,
+    html: bool = True,
+    root: Path | None = None,
+) -> list[Path]:
     """Execute the selected notebooks in order; returns the executed notebook paths."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -156,7 +171,7 @@ def run(preset: str = "toy", only: str | None = None, out: str | None = None, ov
     chosen = select(notebooks(root), only)
     plan = [(nb, parameters(preset, cfg, nb, run_root, overrides or {})) for nb in chosen]  # fail before running
     if cfg.get("toy_world"):
-        build_world(cfg["toy_world"], root)
+        ensure_world(cfg["toy_world"], root)
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(root) not in paths:  # kernels import this tree's helpers, whatever is installed
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), *paths]))
@@ -169,8 +184,16 @@ def run(preset: str = "toy", only: str | None = None, out: str | None = None, ov
             print(f"[{i}/{len(plan)}] {nb.stem}", flush=True)
             t = time.perf_counter()
             try:
-                pm.execute_notebook(str(nb), str(target), parameters=params, cwd=str(root), kernel_name=kernel,
-                                    progress_bar=True, log_output=False, request_save_on_cell_execute=True)
+                pm.execute_notebook(
+                    str(nb),
+                    str(target),
+                    parameters=params,
+                    cwd=str(root),
+                    kernel_name=kernel,
+                    progress_bar=True,
+                    log_output=False,
+                    request_save_on_cell_execute=True,
+                )
             except PapermillExecutionError as e:
                 _failed(nb, f"cell {e.exec_count}: {e.ename}: {e.evalue}", target)
             except Exception as e:  # a dead kernel (out of memory), a broken notebook file, ...

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from helpers import synth  # noqa: E402
+from helpers.toy import synth  # noqa: E402
 
 # Tiny models: one thread is faster than two (no sync overhead) and steadier on a busy machine.
 torch.set_num_threads(1)
@@ -43,5 +43,15 @@ def tiny_mixtral(tmp_path_factory, tiny_mixtral_model):
 def tiny_mixtral_fused(tmp_path_factory, tiny_mixtral_model):
     """The same tiny Mixtral with fused expert keys (gate_up_proj / down_proj), 3 shards."""
     cfg = tiny_mixtral_model.config
-    return synth.save_random(cfg, tmp_path_factory.mktemp("ck") / "mixtral_fused", n_shards=3, fused=True,
-                             model=tiny_mixtral_model)
+    return synth.save_random(
+        cfg, tmp_path_factory.mktemp("ck") / "mixtral_fused", n_shards=3, fused=True, model=tiny_mixtral_model
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mmlu(tmp_path_factory):
+    """A local dir in the hub layout: data/test-*.parquet (18 rows), data/validation-*.parquet (15)."""
+    from helpers.eval import mmlu_pro
+
+    test, val = mmlu_pro.synthetic_rows()
+    return mmlu_pro.write_dataset(tmp_path_factory.mktemp("mmlu") / "mmlu_pro", test, val)

@@ -8,9 +8,13 @@ import json
 import pytest
 import torch
 
-from helpers import bundles, cli, layers, synth
-from helpers.checkpoint import Checkpoint
-from helpers.verify import compare, load_check, tensor_sha256
+from helpers import cli
+from helpers.core.checkpoint import Checkpoint
+from helpers.core.models import load_check
+from helpers.core.verify import compare, tensor_sha256
+from helpers.layers import bundles
+from helpers.layers import drop as layers
+from helpers.toy import synth
 
 L, BLOCK = 8, "2-5"  # drops 2..5: B = [2, 3], C = [4, 5]; A keeps [0, 1, 6, 7]
 IDS = torch.tensor([[5, 9, 33, 100, 7, 20, 64, 3], [1, 250, 17, 17, 42, 8, 99, 300]])
@@ -61,8 +65,9 @@ def test_stage_a_is_a_plain_renumbered_checkpoint(world):
     base, a = Checkpoint(world["base"]), Checkpoint(world["a"])
     kept = [0, 1, 6, 7]
     assert a.config["num_hidden_layers"] == 4
-    assert {k: v for k, v in a.config.items() if k != "num_hidden_layers"} == \
-        {k: v for k, v in base.config.items() if k != "num_hidden_layers"}
+    assert {k: v for k, v in a.config.items() if k != "num_hidden_layers"} == {
+        k: v for k, v in base.config.items() if k != "num_hidden_layers"
+    }
     expected = {}  # name in A -> name in the base
     for n in base.keys():
         parts = n.split(".")
@@ -89,8 +94,11 @@ def test_bundles_hold_original_tensors_under_original_indices(world):
         assert all(tensor_sha256(b, n) == tensor_sha256(base, n) for n in want)
         meta = json.loads((world["r"] / name / bundles.BUNDLE).read_text())
         assert meta["layers"] == idx and meta["model_type"] == "mistral" and meta["dtype"] == "F32"
-        assert meta["base"]["config_sha256"] == bundles.config_sha256(base.config) == \
-            bundles.config_sha256(Checkpoint(world["a"]).config)  # layer-count fields normalised away
+        assert (
+            meta["base"]["config_sha256"]
+            == bundles.config_sha256(base.config)
+            == bundles.config_sha256(Checkpoint(world["a"]).config)
+        )  # layer-count fields normalised away
 
 
 def test_a_equals_the_original_with_the_block_skipped(world, stages):
@@ -112,8 +120,10 @@ def test_ab_equals_the_original_with_c_skipped(world, stages):
     assert not torch.equal(ref, logits(stages["A"])) and not torch.equal(ref, logits(stages["FULL"]))
 
 
-@pytest.mark.parametrize("stage, keep", [("FULL", list(range(L))), ("AB", [0, 1, 2, 3, 6, 7]), ("AC", [0, 1, 4, 5, 6, 7]),
-                                         ("A", [0, 1, 6, 7])])
+@pytest.mark.parametrize(
+    "stage, keep",
+    [("FULL", list(range(L))), ("AB", [0, 1, 2, 3, 6, 7]), ("AC", [0, 1, 4, 5, 6, 7]), ("A", [0, 1, 6, 7])],
+)
 def test_assembled_checkpoints_are_exact(world, stage, keep, tmp_path):
     out = bundles.assemble(world["a"], world["r"], stage, tmp_path / stage)
     model = load_check(out)
@@ -128,7 +138,7 @@ def test_assembled_checkpoints_are_exact(world, stage, keep, tmp_path):
 def test_stages_share_module_weights(stages):
     full = stages["FULL"]
     by_id = {id(m) for m in full.model.layers}
-    for s, m in stages.items():
+    for _s, m in stages.items():
         assert {id(x) for x in m.model.layers} <= by_id
         assert m.model.embed_tokens is full.model.embed_tokens and m.lm_head is full.lm_head
         assert m.model.norm is full.model.norm
@@ -173,28 +183,54 @@ def test_a_resaved_without_its_record_still_takes_its_bundles(world, tmp_path):
     assert torch.equal(logits(full), logits(load_check(world["base"])))
 
 
-@pytest.mark.parametrize("which, needles", [
-    ("r_other", ["another base", "other_base"]),
-    ("r_llama", ["'llama'", "'mistral'"]),
-])
+@pytest.mark.parametrize(
+    "which, needles",
+    [
+        ("r_other", ["another base", "other_base"]),
+        ("r_llama", ["'llama'", "'mistral'"]),
+    ],
+)
 def test_bundles_from_another_base_or_model_type_are_refused(world, tmp_path, capsys, which, needles):
-    for call in (lambda: bundles.load_stage(world["a"], world[which], "FULL"),
-                 lambda: bundles.assemble(world["a"], world[which], "AB", tmp_path / "x")):
+    for call in (
+        lambda: bundles.load_stage(world["a"], world[which], "FULL"),
+        lambda: bundles.assemble(world["a"], world[which], "AB", tmp_path / "x"),
+    ):
         with pytest.raises(ValueError) as e:
             call()
         msg = str(e.value)
         assert "\n" not in msg and str(world["a"]) in msg and str(world[which] / "B") in msg
         assert all(n in msg for n in needles), msg
     assert not (tmp_path / "x").exists()
-    rc = cli.main(["assemble", "--base-model", str(world["a"]), "--bundles-dir", str(world[which]), "--stage", "FULL",
-                   "--out", str(tmp_path / "y")])
+    rc = cli.main(
+        [
+            "assemble",
+            "--base-model",
+            str(world["a"]),
+            "--bundles-dir",
+            str(world[which]),
+            "--stage",
+            "FULL",
+            "--out",
+            str(tmp_path / "y"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "\n" not in err
 
 
 def test_cli_assemble_and_overwrite(world, tmp_path, capsys):
     out = tmp_path / "AB"
-    args = ["assemble", "--base_model", str(world["a"]), "--bundles_dir", str(world["r"]), "--stage", "AB", "--out", str(out)]
+    args = [
+        "assemble",
+        "--base_model",
+        str(world["a"]),
+        "--bundles_dir",
+        str(world["r"]),
+        "--stage",
+        "AB",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     assert torch.equal(logits(load_check(out)), logits(skipped(world["base"], [0, 1, 2, 3, 6, 7])))
     capsys.readouterr()

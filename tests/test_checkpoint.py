@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import arch, checkpoint as C
-from helpers.checkpoint import Checkpoint, CheckpointError
-from helpers.verify import compare, load_check, shard_map
+from helpers.core import arch
+from helpers.core import checkpoint as C
+from helpers.core.checkpoint import Checkpoint, CheckpointError
+from helpers.core.models import load_check
+from helpers.core.verify import compare, shard_map
 
 
 @pytest.fixture(params=["tiny_mistral", "tiny_mixtral", "tiny_mixtral_fused"])
@@ -100,7 +102,7 @@ def test_existing_target_refused_unless_overwrite(tiny_mistral, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch
-    from helpers import checkpoint as C
+    from helpers.core import checkpoint as C
     src = C.Checkpoint(sys.argv[1])
     def slow(name):
         def make():
@@ -115,8 +117,12 @@ KILL_SCRIPT = textwrap.dedent("""
 
 def test_sigkill_mid_write_leaves_no_target(tiny_mistral, tmp_path):
     target = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tiny_mistral), str(target)],
-                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(tiny_mistral), str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.stdout.readline().strip() == "writing"  # mid-write: header and files begun
     assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
     proc.send_signal(signal.SIGKILL)
@@ -176,19 +182,24 @@ def test_unknown_model_type_lists_supported(tiny_mistral, tmp_path):
 def test_load_check_names_missing_keys(tiny_mistral, tmp_path):
     src = Checkpoint(tiny_mistral)
     gone = "model.layers.3.self_attn.q_proj.weight"
-    out = C.write_checkpoint(tmp_path / "o", [C.copied(src, n) for n in src.keys() if n != gone],
-                             config=src.config, like=src)
+    out = C.write_checkpoint(
+        tmp_path / "o", [C.copied(src, n) for n in src.keys() if n != gone], config=src.config, like=src
+    )
     with pytest.raises(CheckpointError, match=r"missing_keys: \['model\.layers\.3\.self_attn\.q_proj\.weight'\]"):
         load_check(out)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["compare", "nowhere", "nowhere2"], "nowhere: not a checkpoint directory"),
-    (["copy", "--model", "nowhere", "--out", "x"], "nowhere: not a checkpoint directory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "nowhere", "nowhere2"], "nowhere: not a checkpoint directory"),
+        (["copy", "--model", "nowhere", "--out", "x"], "nowhere: not a checkpoint directory"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "helpers", *argv], capture_output=True, text=True,
-                       cwd=Path(__file__).parents[1])
+    r = subprocess.run(
+        [sys.executable, "-m", "helpers", *argv], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {message}"]
 

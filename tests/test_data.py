@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import data, toy
+from helpers.core import data
+from helpers.toy import world as toy
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +48,14 @@ def test_toy_sft_is_a_messages_dataset(world):
 
 def test_local_files(tmp_path):
     mmlu = {"question": "What is 1 plus 1?", "options": ["3", "2"], "answer_index": 1}
-    j = _jsonl(tmp_path / "a.jsonl", [{"text": "alpha"}, {"messages": [{"role": "user", "content": "hi"},
-                                                                       {"role": "assistant", "content": "yo"}]}, mmlu])
+    j = _jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"text": "alpha"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            mmlu,
+        ],
+    )
     assert data.load_texts(j) == ["alpha", "hi\nyo", "Question: What is 1 plus 1?\nAnswer: 2"]
     p = tmp_path / "b.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": "one"}, {"text": "two"}, {"text": "three"}]), p)
@@ -62,7 +69,8 @@ def test_local_files(tmp_path):
     s = _jsonl(tmp_path / "s.jsonl", [{"prompt": "p?", "completion": "c."}, mmlu])
     assert data.load_sft(s)["messages"] == [
         [{"role": "user", "content": "p?"}, {"role": "assistant", "content": "c."}],
-        [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}]]
+        [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"}],
+    ]
 
 
 def test_clear_errors(tmp_path, world):
@@ -106,6 +114,7 @@ def test_hub_sources_parse_and_fail_clearly_offline(monkeypatch):
 
 def test_question_answer_rows_become_chat(tmp_path):
     p = _jsonl(tmp_path / "gsm.jsonl", [{"question": "2+2?", "answer": "It is 4.\n#### 4"}])
-    assert data.load_sft(p)["messages"] == [[{"role": "user", "content": "2+2?"},
-                                             {"role": "assistant", "content": "It is 4.\n#### 4"}]]
+    assert data.load_sft(p)["messages"] == [
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 4.\n#### 4"}]
+    ]
     assert data.load_texts(p) == ["Question: 2+2?\nAnswer: It is 4.\n#### 4"]

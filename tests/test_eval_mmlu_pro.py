@@ -4,31 +4,33 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.verify import load_check
+from helpers.core.models import load_check
 from helpers.eval import mmlu_pro, results
 from helpers.eval.mmlu_pro import Question, TaskResult, extract_answer
-from tests.eval_fixtures import tiny_mmlu  # noqa: F401
 
 
 # ---- extraction ---------------------------------------------------------------------------
-@pytest.mark.parametrize("text, want", [
-    # pattern 1: "answer is (X)" / "answer is X", first occurrence wins
-    ("Let's see. 3 plus 4 is 7. The answer is (C).", "C"),
-    ("so the answer is D and not (B)", "D"),
-    ("the answer is (B). Later: the answer is (E).", "B"),
-    # pattern 2: "Answer: X" when pattern 1 is absent (greedy within the line: last on that line)
-    ("We compute it.\nAnswer: F", "F"),
-    ("answer: A ... final Answer: G", "G"),
-    # pattern 1 beats pattern 2 even when pattern 2 comes first
-    ("Answer: A\nbut actually the answer is (J)", "J"),
-    # pattern 3: the last standalone capital A-J anywhere (DOTALL)
-    ("I pick B.\nOr maybe H\n", "H"),
-    ("Options B and C look right, C it is", "C"),
-    # letters inside words or beyond J do not count
-    ("Because BIG cats are K", None),
-    ("no letter here at all", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        # pattern 1: "answer is (X)" / "answer is X", first occurrence wins
+        ("Let's see. 3 plus 4 is 7. The answer is (C).", "C"),
+        ("so the answer is D and not (B)", "D"),
+        ("the answer is (B). Later: the answer is (E).", "B"),
+        # pattern 2: "Answer: X" when pattern 1 is absent (greedy within the line: last on that line)
+        ("We compute it.\nAnswer: F", "F"),
+        ("answer: A ... final Answer: G", "G"),
+        # pattern 1 beats pattern 2 even when pattern 2 comes first
+        ("Answer: A\nbut actually the answer is (J)", "J"),
+        # pattern 3: the last standalone capital A-J anywhere (DOTALL)
+        ("I pick B.\nOr maybe H\n", "H"),
+        ("Options B and C look right, C it is", "C"),
+        # letters inside words or beyond J do not count
+        ("Because BIG cats are K", None),
+        ("no letter here at all", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
 
@@ -47,14 +49,20 @@ def _q(qid, cat, question, options, answer_index, cot=""):
 
 
 def test_cot_prompt_is_the_official_format():
-    shots = {"math": [_q(1, "math", "1+1?", ["2", "3"], 0, "A: Let's think step by step. 1+1=2. The answer is (A)."),
-                      _q(2, "math", "2+2?", ["3", "4", "5"], 1, "A: Let's think step by step. It is 4. The answer is (B).")]}
+    shots = {
+        "math": [
+            _q(1, "math", "1+1?", ["2", "3"], 0, "A: Let's think step by step. 1+1=2. The answer is (A)."),
+            _q(2, "math", "2+2?", ["3", "4", "5"], 1, "A: Let's think step by step. It is 4. The answer is (B)."),
+        ]
+    }
     q = _q(9, "math", "3+3?", ["6", "7"], 0)
-    want = ('The following are multiple choice questions (with answers) about math. Think step by step and then '
-            'finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n'
-            "Question:\n1+1?\nOptions:\nA. 2\nB. 3\nAnswer: Let's think step by step. 1+1=2. The answer is (A).\n\n"
-            "Question:\n2+2?\nOptions:\nA. 3\nB. 4\nC. 5\nAnswer: Let's think step by step. It is 4. The answer is (B).\n\n"
-            "Question:\n3+3?\nOptions:\nA. 6\nB. 7\nAnswer: Let's think step by step.")
+    want = (
+        "The following are multiple choice questions (with answers) about math. Think step by step and then "
+        'finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n'
+        "Question:\n1+1?\nOptions:\nA. 2\nB. 3\nAnswer: Let's think step by step. 1+1=2. The answer is (A).\n\n"
+        "Question:\n2+2?\nOptions:\nA. 3\nB. 4\nC. 5\nAnswer: Let's think step by step. It is 4. The answer is (B).\n\n"
+        "Question:\n3+3?\nOptions:\nA. 6\nB. 7\nAnswer: Let's think step by step."
+    )
     assert mmlu_pro.cot_prompt(q, shots, k=5) == want
     assert mmlu_pro.cot_prompt(q, shots, k=1).count("Question:") == 2
     assert mmlu_pro.cot_prompt(_q(3, "law", "x?", ["y", "z"], 0), shots).count("Question:") == 1  # no shots of law
@@ -125,7 +133,7 @@ def test_results_merge_tasks_and_samples(tmp_path, tiny_mistral):
 
 
 def test_cot_drops_shots_until_the_prompt_fits(tiny_mmlu):
-    from helpers.synth import tiny_tokenizer
+    from helpers.toy.synth import tiny_tokenizer
 
     tok = tiny_tokenizer()
     qs, shots = mmlu_pro.load(tiny_mmlu)

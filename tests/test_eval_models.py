@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.checkpoint import copy_checkpoint
+from helpers.core.checkpoint import copy_checkpoint
+from helpers.core.models import load_model
 from helpers.eval import engine, lighteval_run, mmlu_pro, results
-from helpers.eval.run import load_model
-from tests.eval_fixtures import tiny_mmlu  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +44,12 @@ def test_shared_prefix_scoring_equals_full_rows(mistral, questions):
     model, tok = mistral
     qs, _ = questions
     reqs = [(mmlu_pro.cloze_context(q), mmlu_pro.cloze_choices(q)[:4]) for q in qs[:4]]
-    reqs += [("Answer: ", ["A", "BB BB", "the answer is (C)"]), ("x", [" y"]),  # trailing space; 1-token option
-             (mmlu_pro.loglik_prompt(qs[0]), mmlu_pro.loglik_choices(qs[0])),  # letters
-             ("So", [" the answer is (C)", " the answer is (D)", " the answer is (C) or"])]  # long shared start
+    reqs += [
+        ("Answer: ", ["A", "BB BB", "the answer is (C)"]),
+        ("x", [" y"]),  # trailing space; 1-token option
+        (mmlu_pro.loglik_prompt(qs[0]), mmlu_pro.loglik_choices(qs[0])),  # letters
+        ("So", [" the answer is (C)", " the answer is (D)", " the answer is (C) or"]),
+    ]  # long shared start
     split = [engine.split_common(*engine.encode_pair(tok, *r)) for r in reqs]
     assert any(n > 1 for _, n, _ in split) and any(len(k) > 1 for _, _, ks in split for k in ks)  # both paths run
     want = [_naive(model, tok, *r) for r in reqs]
@@ -56,7 +58,9 @@ def test_shared_prefix_scoring_equals_full_rows(mistral, questions):
         assert [len(g) for g in got] == [len(w) for w in want]
         assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-4
         # the ranking of options (what accuracy reads) is the same
-        assert [max(range(len(g)), key=g.__getitem__) for g in got] == [max(range(len(w)), key=w.__getitem__) for w in want]
+        assert [max(range(len(g)), key=g.__getitem__) for g in got] == [
+            max(range(len(w)), key=w.__getitem__) for w in want
+        ]
 
 
 def test_cloze_correct_flags_and_option_order(mistral, questions):
@@ -67,11 +71,25 @@ def test_cloze_correct_flags_and_option_order(mistral, questions):
     raw, norm = mmlu_pro.score_cloze(model, tok, qs, batch_size=4, progress=False)
     for result, normalised in ((raw, False), (norm, True)):
         flags = mmlu_pro.cloze_correct(model, tok, qs, batch_size=3, normalised=normalised, progress=False)
-        scores = [[x / (len(o) + 1) if normalised else x for x, o in zip(out, q.options)] for out, q in zip(raw.outputs, qs)]
-        assert list(flags) == result.correct == [max(range(len(s)), key=s.__getitem__) == q.answer_index
-                                                  for s, q in zip(scores, qs)]
-    rev = [mmlu_pro.Question(q.question_id, q.question, q.options[::-1], mmlu_pro.LETTERS[len(q.options) - 1 - q.answer_index],
-                             len(q.options) - 1 - q.answer_index, q.category) for q in qs]
+        scores = [
+            [x / (len(o) + 1) if normalised else x for x, o in zip(out, q.options)] for out, q in zip(raw.outputs, qs)
+        ]
+        assert (
+            list(flags)
+            == result.correct
+            == [max(range(len(s)), key=s.__getitem__) == q.answer_index for s, q in zip(scores, qs)]
+        )
+    rev = [
+        mmlu_pro.Question(
+            q.question_id,
+            q.question,
+            q.options[::-1],
+            mmlu_pro.LETTERS[len(q.options) - 1 - q.answer_index],
+            len(q.options) - 1 - q.answer_index,
+            q.category,
+        )
+        for q in qs
+    ]
     back, _ = mmlu_pro.score_cloze(model, tok, rev, batch_size=4, progress=False)
     assert max(abs(a - b) for o, r in zip(raw.outputs, back.outputs) for a, b in zip(o, r[::-1])) < 1e-4
     assert back.correct == raw.correct
@@ -81,8 +99,9 @@ def test_loglik_equals_lighteval(mistral, questions, tiny_mistral, tmp_path):
     model, tok = mistral
     qs, shots = questions
     ours = mmlu_pro.score_loglik(model, tok, qs, shots, progress=False)
-    theirs, = lighteval_run.run_lighteval(model, qs, shots, tmp_path, modes=("loglik",), tokenizer=tiny_mistral,
-                                          batch_size=4, name="tiny")
+    (theirs,) = lighteval_run.run_lighteval(
+        model, qs, shots, tmp_path, modes=("loglik",), tokenizer=tiny_mistral, batch_size=4, name="tiny"
+    )
     assert theirs.preds == ours.preds  # per question
     assert theirs.summary()["acc"] == ours.summary()["acc"] == pytest.approx(theirs.extra["lighteval_acc"])
     flat = lambda r: [x for o in r.outputs for x in o]  # noqa: E731
@@ -96,8 +115,17 @@ def test_cot_generation_equals_lighteval(mistral, questions, tiny_mistral, tmp_p
     qs, shots = questions
     qs = qs[:3]
     ours = mmlu_pro.score_cot(model, tok, qs, shots, max_new_tokens=8, max_length=4096, progress=False)
-    theirs, = lighteval_run.run_lighteval(model, qs, shots, tmp_path, modes=("cot",), tokenizer=tiny_mistral,
-                                          batch_size=4, max_new_tokens=8, max_length=4096)
+    (theirs,) = lighteval_run.run_lighteval(
+        model,
+        qs,
+        shots,
+        tmp_path,
+        modes=("cot",),
+        tokenizer=tiny_mistral,
+        batch_size=4,
+        max_new_tokens=8,
+        max_length=4096,
+    )
     assert ours.outputs == theirs.outputs and ours.preds == theirs.preds
     assert all(len(o) > 0 for o in ours.outputs)
 
@@ -109,8 +137,17 @@ def test_sequential_lighteval_runs_keep_each_modes_output(mistral, questions, ti
     model, _ = mistral
     qs, shots = questions
     for mode in ("loglik", "cot", "loglik"):  # the second loglik run replaces only its own output
-        task, = lighteval_run.run_lighteval(model, qs[:2], shots, tmp_path, modes=(mode,), tokenizer=tiny_mistral,
-                                            batch_size=2, max_new_tokens=4, name="tiny")
+        (task,) = lighteval_run.run_lighteval(
+            model,
+            qs[:2],
+            shots,
+            tmp_path,
+            modes=(mode,),
+            tokenizer=tiny_mistral,
+            batch_size=2,
+            max_new_tokens=4,
+            name="tiny",
+        )
         write_results(tmp_path, config_block(tiny_mistral, "tiny"), [task])
     doc = json.loads((tmp_path / results.RESULTS).read_text())
     pointers = {t: doc["results"][t]["lighteval_results"] for t in ("lighteval_loglik", "lighteval_cot")}
@@ -121,15 +158,20 @@ def test_sequential_lighteval_runs_keep_each_modes_output(mistral, questions, ti
 
 def test_layouts_score_identically(tiny_mixtral, tiny_mmlu, tmp_path):
     repacked = copy_checkpoint(tiny_mixtral, tmp_path / "repacked", max_shard_size="20KB")
-    from helpers.checkpoint import Checkpoint
+    from helpers.core.checkpoint import Checkpoint
 
     assert len(Checkpoint(repacked).shards) != len(Checkpoint(tiny_mixtral).shards)
     qs, shots = mmlu_pro.load(tiny_mmlu, limit=6)
     runs = []
     for path in (tiny_mixtral, repacked):
         model, tok = load_model(path, "float32", "cpu")
-        runs.append([r.outputs for mode in ("loglik", "cloze")
-                     for r in mmlu_pro.evaluate(model, tok, qs, shots, mode=mode, progress=False)])
+        runs.append(
+            [
+                r.outputs
+                for mode in ("loglik", "cloze")
+                for r in mmlu_pro.evaluate(model, tok, qs, shots, mode=mode, progress=False)
+            ]
+        )
     assert runs[0] == runs[1]  # every option's log-likelihood, bit for bit
 
 
@@ -138,7 +180,7 @@ def test_routed_scores_each_question_with_its_stage(mistral, tiny_mixtral, quest
     other, _ = load_model(tiny_mixtral, "float32", "cpu")  # same vocab and tokenizer: a stand-in second stage
     qs, _ = questions
     stage_of = {q.question_id: ("A" if i % 3 else "FULL") for i, q in enumerate(qs)}
-    routed, = mmlu_pro.route_and_score({"A": model, "FULL": other}, tok, qs, stage_of, mode="loglik", progress=False)
+    (routed,) = mmlu_pro.route_and_score({"A": model, "FULL": other}, tok, qs, stage_of, mode="loglik", progress=False)
     alone = {s: mmlu_pro.score_loglik(m, tok, qs, progress=False) for s, m in (("A", model), ("FULL", other))}
     for i, q in enumerate(qs):
         assert routed.preds[i] == alone[stage_of[q.question_id]].preds[i]
@@ -149,11 +191,24 @@ def test_routed_scores_each_question_with_its_stage(mistral, tiny_mixtral, quest
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
-               HF_HOME=str(Path(cwd) / "hf_home"))
-    return subprocess.run([sys.executable, "-m", "helpers", "evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        HF_HOME=str(Path(cwd) / "hf_home"),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "helpers", "evaluate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_cli_offline_merges_modes_and_benches(tiny_mistral, tiny_mmlu, tmp_path):
@@ -178,7 +233,10 @@ def test_cli_bad_flags_are_one_line_errors(tiny_mistral, tiny_mmlu, tmp_path, ca
     common = ["evaluate", "--model", str(tiny_mistral), "--data", str(tiny_mmlu), "--out", str(tmp_path / "o")]
     assert main(common + ["--bench", "lighteval", "--mode", "cloze"]) == 2
     assert "use --bench mmlu-pro for cloze" in capsys.readouterr().err
-    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_mmlu), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_mmlu), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
@@ -199,7 +257,10 @@ def test_stage_model_keeping_original_layer_indices_scores_like_renumbered(tiny_
         layer.self_attn.layer_idx = i
     assert [l.self_attn.layer_idx for l in kept.model.layers] == keep
     reqs = [(mmlu_pro.cloze_context(q), mmlu_pro.cloze_choices(q)) for q in qs[:4]]
-    assert engine.score_choices(kept, tok, reqs, progress=False) == engine.score_choices(renum, tok, reqs, progress=False)
+    assert engine.score_choices(kept, tok, reqs, progress=False) == engine.score_choices(
+        renum, tok, reqs, progress=False
+    )
     prompts = [mmlu_pro.cot_prompt(q, shots, 1) for q in qs[:2]]
-    assert engine.generate(kept, tok, prompts, max_new_tokens=5, progress=False) == \
-        engine.generate(renum, tok, prompts, max_new_tokens=5, progress=False)
+    assert engine.generate(kept, tok, prompts, max_new_tokens=5, progress=False) == engine.generate(
+        renum, tok, prompts, max_new_tokens=5, progress=False
+    )

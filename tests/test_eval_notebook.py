@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import synth
-from helpers.checkpoint import copy_checkpoint
-from helpers.eval import mmlu_pro, results, variants
-from helpers.eval.run import Plan, load_model
-from helpers.manifest import Manifest
-from tests.eval_fixtures import tiny_mmlu  # noqa: F401
+from helpers.benchmarks import variants
+from helpers.core.checkpoint import copy_checkpoint
+from helpers.core.manifest import Manifest
+from helpers.core.models import load_model
+from helpers.eval import mmlu_pro, results
+from helpers.eval.run import Plan
+from helpers.toy import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +23,13 @@ def fake_runs(tmp_path_factory, tiny_mixtral, tiny_mixtral_fused, tiny_mistral, 
     """Manifests of the toy world and steps 01, 03, 04, 05 with the output names notebook 06 reads."""
     root = tmp_path_factory.mktemp("runs")
     m = {}
-    m["world"] = Manifest("toy").output("mixtral", tiny_mixtral).output("mistral", tiny_mistral) \
-        .output("mmlu_pro", tiny_mmlu).save(root / "world")
+    m["world"] = (
+        Manifest("toy")
+        .output("mixtral", tiny_mixtral)
+        .output("mistral", tiny_mistral)
+        .output("mmlu_pro", tiny_mmlu)
+        .save(root / "world")
+    )
     m["finetune"] = Manifest("01_finetune_mixtral").output("merged", tiny_mixtral_fused).save(root / "01")
     std = copy_checkpoint(tiny_mixtral, root / "03" / "standard")
     cons = copy_checkpoint(tiny_mixtral, root / "03" / "consolidated", max_shard_size="30KB")
@@ -31,33 +37,53 @@ def fake_runs(tmp_path_factory, tiny_mixtral, tiny_mixtral_fused, tiny_mistral, 
     a = synth.save_random(synth.tiny_config("mistral", num_hidden_layers=6), root / "04" / "A", n_shards=2, seed=4)
     m["layer_drop"] = Manifest("04_layer_drop_mistral").output("stage_a", a).save(root / "04")  # no bundles: no routed
     ab = synth.save_random(synth.tiny_config("mistral", num_hidden_layers=7), root / "05" / "AB", n_shards=2, seed=5)
-    m["routing"] = Manifest("05_bundles_and_routing").output("stage_ab", ab).output("stage_full", tiny_mistral) \
-        .output("healed_a", a).save(root / "05")
+    m["routing"] = (
+        Manifest("05_bundles_and_routing")
+        .output("stage_ab", ab)
+        .output("stage_full", tiny_mistral)
+        .output("healed_a", a)
+        .save(root / "05")
+    )
     return {k: str(v) for k, v in m.items()}
 
 
 def test_collect_finds_variants_and_notes_the_missing(fake_runs, tmp_path):
     found, notes = variants.collect({**fake_runs, "routing": str(tmp_path / "nope.json")})
     names = [v.name for v in found]
-    assert names == ["mixtral_base", "mixtral_finetuned", "mixtral_pruned_standard", "mixtral_pruned_consolidated",
-                     "mistral_base", "mistral_stage_a"]
+    assert names == [
+        "mixtral_base",
+        "mixtral_finetuned",
+        "mixtral_pruned_standard",
+        "mixtral_pruned_consolidated",
+        "mistral_base",
+        "mistral_stage_a",
+    ]
     assert any("routing manifest" in n and "does not exist" in n for n in notes)
     assert any(n.startswith("skipped mistral_stage_ab") for n in notes)
     assert any(n.startswith("skipped mistral_routed: needs bundles") for n in notes)
-    assert variants.data_of(fake_runs["world"]) == str(Path(json.loads(Path(fake_runs["world"]).read_text())
-                                                             ["outputs"]["mmlu_pro"]["path"]))
+    assert variants.data_of(fake_runs["world"]) == str(
+        Path(json.loads(Path(fake_runs["world"]).read_text())["outputs"]["mmlu_pro"]["path"])
+    )
 
 
 def test_routed_variant_with_injected_router(fake_runs, tiny_mistral, tiny_mmlu, tmp_path):
     a, tok = load_model(json.loads(Path(fake_runs["layer_drop"]).read_text())["outputs"]["stage_a"]["path"])
     full, _ = load_model(tiny_mistral)
-    v = variants.Variant(variants.ROUTED, "mistral", None, fake_runs["routing"], "routed",
-                         stage_a=str(Path(fake_runs["layer_drop"]).parent / "A"), bundles=str(tiny_mistral),
-                         thresholds=None)
+    v = variants.Variant(
+        variants.ROUTED,
+        "mistral",
+        None,
+        fake_runs["routing"],
+        "routed",
+        stage_a=str(Path(fake_runs["layer_drop"]).parent / "A"),
+        bundles=str(tiny_mistral),
+        thresholds=None,
+    )
     choose = lambda prompts: ["A" if len(p) % 2 else "FULL" for p in prompts]  # noqa: E731
     plan = Plan(modes=("cloze",), limit=6, speed_prompt_tokens=8, speed_new_tokens=2)
-    path = variants.evaluate_routed(v, tmp_path / "routed", plan, tiny_mmlu, ({"A": a, "FULL": full}, tok, choose),
-                                    progress=False)
+    path = variants.evaluate_routed(
+        v, tmp_path / "routed", plan, tiny_mmlu, ({"A": a, "FULL": full}, tok, choose), progress=False
+    )
     doc = json.loads(path.read_text())
     qs, _ = mmlu_pro.load(tiny_mmlu, limit=6)
     want = [("A" if len(mmlu_pro.cloze_context(q)) % 2 else "FULL") for q in qs]
@@ -74,18 +100,51 @@ def test_notebook_06_runs_on_fake_manifests(fake_runs, tmp_path):
     import papermill as pm
 
     out = tmp_path / "eval_results" / "smoke"
-    params = dict(PRESET="smoke", RUN_DIR=str(tmp_path / "06"), WORLD_MANIFEST=fake_runs["world"],
-                  FINETUNE_MANIFEST=fake_runs["finetune"], PRUNE_MANIFEST=fake_runs["prune"],
-                  LAYER_DROP_MANIFEST=fake_runs["layer_drop"], ROUTING_MANIFEST=fake_runs["routing"],
-                  EVAL_ROOT=str(out), LIMIT=6, COT_LIMIT=2, MAX_NEW_TOKENS=4, BATCH_SIZE=8, LIGHTEVAL_LIMIT=3,
-                  LIGHTEVAL_VARIANTS=["mistral_base"], SPEED_PROMPT_TOKENS=8, SPEED_NEW_TOKENS=2)
-    pm.execute_notebook(str(ROOT / "notebooks" / "06_benchmarks.ipynb"), str(tmp_path / "06.ipynb"),
-                        parameters=params, kernel_name="pruning-lab", cwd=str(ROOT), progress_bar=False)
+    params = dict(
+        PRESET="smoke",
+        RUN_DIR=str(tmp_path / "06"),
+        WORLD_MANIFEST=fake_runs["world"],
+        FINETUNE_MANIFEST=fake_runs["finetune"],
+        PRUNE_MANIFEST=fake_runs["prune"],
+        LAYER_DROP_MANIFEST=fake_runs["layer_drop"],
+        ROUTING_MANIFEST=fake_runs["routing"],
+        EVAL_ROOT=str(out),
+        LIMIT=6,
+        COT_LIMIT=2,
+        MAX_NEW_TOKENS=4,
+        BATCH_SIZE=8,
+        LIGHTEVAL_LIMIT=3,
+        LIGHTEVAL_VARIANTS=["mistral_base"],
+        SPEED_PROMPT_TOKENS=8,
+        SPEED_NEW_TOKENS=2,
+    )
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "06_benchmarks.ipynb"),
+        str(tmp_path / "06.ipynb"),
+        parameters=params,
+        kernel_name="pruning-lab",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
     docs = results.load_all(out)
-    assert set(docs) == {"mixtral_base", "mixtral_finetuned", "mixtral_pruned_standard", "mixtral_pruned_consolidated",
-                         "mistral_base", "mistral_stage_a", "mistral_stage_ab", "mistral_stage_full", "mistral_healed_a"}
-    assert set(docs["mistral_base"]["results"]) == {"mmlu_pro_cloze", "mmlu_pro_cloze_norm", "mmlu_pro_loglik",
-                                                     "mmlu_pro_cot", "lighteval_loglik"}
+    assert set(docs) == {
+        "mixtral_base",
+        "mixtral_finetuned",
+        "mixtral_pruned_standard",
+        "mixtral_pruned_consolidated",
+        "mistral_base",
+        "mistral_stage_a",
+        "mistral_stage_ab",
+        "mistral_stage_full",
+        "mistral_healed_a",
+    }
+    assert set(docs["mistral_base"]["results"]) == {
+        "mmlu_pro_cloze",
+        "mmlu_pro_cloze_norm",
+        "mmlu_pro_loglik",
+        "mmlu_pro_cot",
+        "lighteval_loglik",
+    }
     # the two layouts of one pruned model: every option score equal
     for task in ("mmlu_pro_cloze", "mmlu_pro_loglik", "mmlu_pro_cot"):
         a = results.read_samples(out / "mixtral_pruned_standard", task)

@@ -9,12 +9,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import arch, synth
-from helpers import expert_prune as xp
-from helpers import expert_scores as xs
-from helpers.checkpoint import Checkpoint
-from helpers.verify import compare, load_check, shard_map
 from helpers.cli import main
+from helpers.core import arch
+from helpers.core.checkpoint import Checkpoint
+from helpers.core.models import load_check
+from helpers.core.verify import compare, shard_map
+from helpers.experts import prune as xp
+from helpers.experts import scores as xs
+from helpers.toy import synth
 
 TEXTS = ["question : what is 3 plus 4 ? answer : 7 .", "sort these words : pear , fig , kiwi , apple , 9 , 2"]
 RNG = np.random.default_rng(0)
@@ -182,8 +184,13 @@ def test_bad_plan_is_one_line_error(tmp_path, tiny_mixtral, capsys, case):
     assert "plan.json" in err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("keep,msg", [(1, "--keep 1: keeps 1 experts, fewer than num_experts_per_tok=2"),
-                                      (9, "--keep 9: keeps 9 experts but the model has only 8")])
+@pytest.mark.parametrize(
+    "keep,msg",
+    [
+        (1, "--keep 1: keeps 1 experts, fewer than num_experts_per_tok=2"),
+        (9, "--keep 9: keeps 9 experts but the model has only 8"),
+    ],
+)
 def test_bad_keep_is_one_line_error(tmp_path, tiny_mixtral, scores_file, capsys, keep, msg):
     rc = _cli("--model", tiny_mixtral, "--scores", scores_file, "--keep", keep, "--out", tmp_path / "out")
     err = capsys.readouterr().err
@@ -193,14 +200,18 @@ def test_bad_keep_is_one_line_error(tmp_path, tiny_mixtral, scores_file, capsys,
 
 def test_scores_from_another_model_are_refused(tmp_path, tiny_mixtral, capsys):
     other = synth.tiny_config("mixtral", hidden_size=48).to_dict()
-    path = xs.save_scores(tmp_path / "other_scores.json", xs.make_scores(other, {"delta_l2": xs.random_scores(4, 8, 0)}))
+    path = xs.save_scores(
+        tmp_path / "other_scores.json", xs.make_scores(other, {"delta_l2": xs.random_scores(4, 8, 0)})
+    )
     rc = _cli("--model", tiny_mixtral, "--scores", path, "--keep", 4, "--out", tmp_path / "out")
     err = capsys.readouterr().err
     assert rc == 2 and "other_scores.json is from another model: hidden_size is 48 there, 32 in this model" in err, err
 
 
 def test_unknown_criterion_names_the_ones_present(tmp_path, tiny_mixtral, scores_file, capsys):
-    rc = _cli("--model", tiny_mixtral, "--scores", scores_file, "--keep", 4, "--criterion", "reap", "--out", tmp_path / "o")
+    rc = _cli(
+        "--model", tiny_mixtral, "--scores", scores_file, "--keep", 4, "--criterion", "reap", "--out", tmp_path / "o"
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "no criterion 'reap'; it has ['delta_l2']" in err, err
 
@@ -212,7 +223,18 @@ def test_dense_model_is_refused(tmp_path, tiny_mistral, scores_file, capsys):
 
 
 def test_existing_output_needs_overwrite(tmp_path, tiny_mixtral, scores_file, capsys):
-    args = ["--model", tiny_mixtral, "--scores", scores_file, "--keep", 4, "--out", tmp_path / "out", "--layout", "both"]
+    args = [
+        "--model",
+        tiny_mixtral,
+        "--scores",
+        scores_file,
+        "--keep",
+        4,
+        "--out",
+        tmp_path / "out",
+        "--layout",
+        "both",
+    ]
     assert _cli(*args) == 0
     assert _cli(*args) == 2 and "already exists" in capsys.readouterr().err
     assert _cli(*args, "--overwrite") == 0

@@ -9,12 +9,16 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoTokenizer
 
-from helpers import synth
-from helpers import expert_scores as xs
-from helpers.fsutil import read_json
+from helpers.core.fsutil import read_json
+from helpers.experts import scores as xs
+from helpers.toy import synth
 
-TEXTS = ["question : what is 3 plus 4 ? answer : 7 .", "sort these words : pear , fig , kiwi",
-         "count the letters in apple", "the next letter after c is d . 0 1 2 3 4 5 6 7 8 9 10"]
+TEXTS = [
+    "question : what is 3 plus 4 ? answer : 7 .",
+    "sort these words : pear , fig , kiwi",
+    "count the letters in apple",
+    "the next letter after c is d . 0 1 2 3 4 5 6 7 8 9 10",
+]
 FUSED_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -27,7 +31,9 @@ def finetuned(tmp_path_factory):
     """A peft LoRA on the fused experts (and q_proj) of the tiny Mixtral, random nonzero B, merged by peft."""
     root = tmp_path_factory.mktemp("ft")
     cfg = _cfg()
-    lc = LoraConfig(r=4, lora_alpha=8, target_parameters=FUSED_TARGETS, target_modules=["q_proj"], init_lora_weights=False)
+    lc = LoraConfig(
+        r=4, lora_alpha=8, target_parameters=FUSED_TARGETS, target_modules=["q_proj"], init_lora_weights=False
+    )
     pm = get_peft_model(synth.random_model(cfg, seed=2), lc)  # same weights as the tiny_mixtral fixture
     pm.save_pretrained(root / "adapter")
     merged = pm.merge_and_unload()
@@ -36,7 +42,9 @@ def finetuned(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("base_kind,tuned_kind", [("legacy", "merged"), ("fused", "merged"), ("legacy", "merged_fused")])
+@pytest.mark.parametrize(
+    "base_kind,tuned_kind", [("legacy", "merged"), ("fused", "merged"), ("legacy", "merged_fused")]
+)
 def test_adapter_delta_equals_checkpoint_delta(finetuned, tiny_mixtral, tiny_mixtral_fused, base_kind, tuned_kind):
     base = tiny_mixtral if base_kind == "legacy" else tiny_mixtral_fused
     from_ck = xs.delta_from_checkpoints(base, finetuned / tuned_kind, block_bytes=2048)  # several row blocks
@@ -52,8 +60,8 @@ def test_adapter_delta_equals_checkpoint_delta(finetuned, tiny_mixtral, tiny_mix
 
 def test_expert_factors_reproduce_merged_minus_base(finetuned, tiny_mixtral):
     """Fused layout: scaling * B_e A_e of every (layer, expert, weight) is the merged checkpoint minus the base."""
-    from helpers import arch
-    from helpers.checkpoint import Checkpoint
+    from helpers.core import arch
+    from helpers.core.checkpoint import Checkpoint
 
     factors = xs.expert_factors(finetuned / "adapter", _cfg().to_dict())
     assert set(factors) == {(l, e, w) for l in range(4) for e in range(8) for w in arch.EXPERT_WEIGHTS}
@@ -65,6 +73,7 @@ def test_expert_factors_reproduce_merged_minus_base(finetuned, tiny_mixtral):
 
 def _legacy_tree(L=4, E=8, H=32, I=24):
     """A module tree with Mixtral's legacy per-expert Linear names (as transformers 4.x built it)."""
+
     def ns(**kw):
         m = nn.Module()
         for k, v in kw.items():
@@ -82,8 +91,14 @@ def test_adapter_delta_on_per_expert_linears(tmp_path):
     torch.manual_seed(0)
     net = _legacy_tree()
     base = {k: v.clone() for k, v in net.state_dict().items()}
-    lc = LoraConfig(r=2, lora_alpha=6, target_modules=["w1", "w2", "w3"], init_lora_weights=False, use_rslora=True,
-                    alpha_pattern={"w2": 3})
+    lc = LoraConfig(
+        r=2,
+        lora_alpha=6,
+        target_modules=["w1", "w2", "w3"],
+        init_lora_weights=False,
+        use_rslora=True,
+        alpha_pattern={"w2": 3},
+    )
     pm = get_peft_model(net, lc)
     pm.save_pretrained(tmp_path / "adapter")
     merged = pm.merge_and_unload().state_dict()
@@ -95,8 +110,10 @@ def test_adapter_delta_on_per_expert_linears(tmp_path):
         n = name.format(l=l, e=e, w=w)
         torch.testing.assert_close(merged[n] - base[n], f.delta(), rtol=0, atol=1e-6)
     for w in ("w1", "w2", "w3"):
-        ref = [[float((merged[name.format(l=l, e=e, w=w)] - base[name.format(l=l, e=e, w=w)]).norm()) for e in range(8)]
-               for l in range(4)]
+        ref = [
+            [float((merged[name.format(l=l, e=e, w=w)] - base[name.format(l=l, e=e, w=w)]).norm()) for e in range(8)]
+            for l in range(4)
+        ]
         assert np.min(ref) > 0
         assert xs.max_rel_diff(ref, got[w]) < 1e-4, w
 
@@ -120,8 +137,13 @@ def test_distances_match_direct_computation(tiny_mixtral, tiny_mixtral_fused, ti
     fused = xs.expert_distances(tiny_mixtral_fused)
     rel = xs.expert_distances(tiny_mixtral, relative=True)
     for l in range(4):
-        W = torch.cat([sd[f"model.layers.{l}.mlp.experts.gate_up_proj"].reshape(8, -1),
-                       sd[f"model.layers.{l}.mlp.experts.down_proj"].reshape(8, -1)], 1).double()  # [E, 3IH]
+        W = torch.cat(
+            [
+                sd[f"model.layers.{l}.mlp.experts.gate_up_proj"].reshape(8, -1),
+                sd[f"model.layers.{l}.mlp.experts.down_proj"].reshape(8, -1),
+            ],
+            1,
+        ).double()  # [E, 3IH]
         ref = torch.cdist(W, W).numpy()
         np.testing.assert_allclose(legacy[str(l)], ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(fused[str(l)], ref, rtol=1e-5, atol=1e-6)
@@ -185,8 +207,8 @@ def test_scores_json_round_trip_and_rank_agreement(tmp_path):
 
 
 def test_finetune_sources_reads_the_01_manifest(tmp_path):
-    from helpers.data import DEFAULT_WORLD
-    from helpers.manifest import Manifest, load
+    from helpers.core.data import DEFAULT_WORLD
+    from helpers.core.manifest import Manifest, load
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "merged").mkdir()
@@ -194,8 +216,12 @@ def test_finetune_sources_reads_the_01_manifest(tmp_path):
     m = Manifest("01_finetune_mixtral", {}).input("base", "base/dir").input("world", world)  # what notebook 01 records
     m.output("adapter", tmp_path / "adapter").output("merged", tmp_path / "merged")
     src = xs.finetune_sources(load(m.save(tmp_path)))
-    assert src == {"adapter": str(tmp_path / "adapter"), "merged": str(tmp_path / "merged"), "base": "base/dir",
-                   "world": str(world)}
+    assert src == {
+        "adapter": str(tmp_path / "adapter"),
+        "merged": str(tmp_path / "merged"),
+        "base": "base/dir",
+        "world": str(world),
+    }
     assert xs.finetune_sources(m.data, "other/base")["base"] == "other/base"
     del m.data["inputs"]["world"]
     assert xs.finetune_sources(m.data)["world"] == DEFAULT_WORLD

@@ -10,18 +10,26 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import arch, finetune, verify
-from helpers import expert_scores as xs
-from helpers.checkpoint import Checkpoint
+from helpers import finetune
+from helpers.core import arch, models, verify
+from helpers.core.checkpoint import Checkpoint
+from helpers.experts import scores as xs
 
 ATTN_RE = r"self_attn\.[qkvo]_proj\.weight$"
 
 
 def sft_rows(tok, n: int = 24) -> list[dict]:
     """Chat rows of a tiny arithmetic task, checked to render through the fixture's chat template."""
-    rows = [{"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
-                          {"role": "assistant", "content": f"the answer is {a + b} ."}]}
-            for a in range(6) for b in range(4)][:n]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"what is {a} plus {b} ?"},
+                {"role": "assistant", "content": f"the answer is {a + b} ."},
+            ]
+        }
+        for a in range(6)
+        for b in range(4)
+    ][:n]
     text = tok.apply_chat_template(rows[0]["messages"], tokenize=False)
     assert "[INST] what is 0 plus 0 ? [/INST]" in text and text.endswith("</s>")
     return rows
@@ -44,9 +52,21 @@ def mixtral_run(tmp_path_factory, tiny_mixtral):
     """mixtral-experts LoRA trained for a few steps on the tiny Mixtral, and its merged checkpoint."""
     out = tmp_path_factory.mktemp("ft")
     rows = sft_rows(_tok(tiny_mixtral))
-    res = finetune.train_lora(tiny_mixtral, rows, out / "adapter", preset="mixtral-experts", steps=6, lr=1e-2,
-                              r=4, alpha=8, batch_size=4, grad_accum=1, max_length=48, eval_dataset=rows[:8],
-                              logging_steps=1)
+    res = finetune.train_lora(
+        tiny_mixtral,
+        rows,
+        out / "adapter",
+        preset="mixtral-experts",
+        steps=6,
+        lr=1e-2,
+        r=4,
+        alpha=8,
+        batch_size=4,
+        grad_accum=1,
+        max_length=48,
+        eval_dataset=rows[:8],
+        logging_steps=1,
+    )
     merged = finetune.merge_adapter(tiny_mixtral, res.adapter_dir, out / "merged")
     return tiny_mixtral, res, merged
 
@@ -54,7 +74,13 @@ def mixtral_run(tmp_path_factory, tiny_mixtral):
 # ---- presets --------------------------------------------------------------------------------
 def test_mistral_healing_preset_is_the_seed_recipe():
     p = finetune.get_preset("mistral-healing")
-    assert (set(p.targets), p.target_parameters, p.r, p.alpha, p.lr) == ({"q_proj", "k_proj", "v_proj", "o_proj"}, (), 4, 4, 3e-6)
+    assert (set(p.targets), p.target_parameters, p.r, p.alpha, p.lr) == (
+        {"q_proj", "k_proj", "v_proj", "o_proj"},
+        (),
+        4,
+        4,
+        3e-6,
+    )
     cfg = finetune.lora_config(p)
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} and cfg.r == 4 and cfg.lora_alpha == 4
     assert not cfg.target_parameters
@@ -80,7 +106,13 @@ def test_overrides_replace_fields(tmp_path):
     from trl import SFTConfig
 
     args = SFTConfig(**finetune.sft_kwargs(p, tmp_path, quantize=None, dev="cpu"))  # CPU: trl needs use_cpu
-    assert (args.max_steps, args.learning_rate, args.use_cpu, args.bf16, args.gradient_checkpointing) == (20, 1e-3, True, False, False)
+    assert (args.max_steps, args.learning_rate, args.use_cpu, args.bf16, args.gradient_checkpointing) == (
+        20,
+        1e-3,
+        True,
+        False,
+        False,
+    )
     gpu = finetune.sft_kwargs(p, tmp_path, quantize="4bit", dev="cuda")  # SFTConfig refuses bf16 without a GPU
     assert (gpu["use_cpu"], gpu["bf16"], gpu["activation_checkpointing"]) == (False, True, True)
 
@@ -154,10 +186,10 @@ def test_merged_loads_cleanly_and_equals_peft_logits(mixtral_run):
     base, res, merged = mixtral_run
     ids = _tok(base)("what is 3 plus 2 ? the answer is 5 .", return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = verify.load_check(base).eval()
+        ref = models.load_check(base).eval()
         base_logits = ref(ids).logits
         peft_logits = PeftModel.from_pretrained(ref, str(res.adapter_dir)).eval()(ids).logits
-        merged_logits = verify.load_check(merged).eval()(ids).logits
+        merged_logits = models.load_check(merged).eval()(ids).logits
     assert (merged_logits - peft_logits).abs().max().item() <= 1e-5
     assert (merged_logits - base_logits).abs().max().item() > 1e-3  # the adapter did something
 
@@ -167,8 +199,9 @@ def test_healing_presets_change_only_their_targets(tmp_path, tiny_mistral, name,
     rows = sft_rows(_tok(tiny_mistral), n=8)
     if name == "ffn-healing":  # the paper heals on plain text (C4): "text" rows, no chat template
         rows = [{"text": f"{r['messages'][0]['content']} {r['messages'][1]['content']}"} for r in rows]
-    res = finetune.train_lora(tiny_mistral, rows, tmp_path / "adapter", preset=name, steps=2, batch_size=4,
-                              grad_accum=1, max_length=48)
+    res = finetune.train_lora(
+        tiny_mistral, rows, tmp_path / "adapter", preset=name, steps=2, batch_size=4, grad_accum=1, max_length=48
+    )
     assert res.preset["lr"] == 3e-6
     merged = finetune.merge_adapter(tiny_mistral, res.adapter_dir, tmp_path / "merged")
     c = verify.compare(tiny_mistral, merged)
@@ -191,7 +224,9 @@ def test_4bit_load_kwargs():
 def test_4bit_prepare_keeps_fused_experts_bf16(tiny_mixtral):
     from transformers import AutoModelForCausalLM
 
-    model = finetune.prepare_kbit(AutoModelForCausalLM.from_pretrained(str(tiny_mixtral), **finetune.load_kwargs("4bit", "cpu")))
+    model = finetune.prepare_kbit(
+        AutoModelForCausalLM.from_pretrained(str(tiny_mixtral), **finetune.load_kwargs("4bit", "cpu"))
+    )
     layer = model.model.layers[0]
     assert type(layer.self_attn.q_proj).__name__ == "Linear4bit"
     assert layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16  # not quantized, and not upcast either
@@ -201,11 +236,21 @@ def test_4bit_prepare_keeps_fused_experts_bf16(tiny_mixtral):
 
 def test_qlora_one_step_on_cpu(tmp_path, tiny_mixtral):
     rows = sft_rows(_tok(tiny_mixtral), n=4)
-    res = finetune.train_lora(tiny_mixtral, rows, tmp_path / "adapter", preset="mixtral-experts", quantize="4bit",
-                              steps=1, batch_size=2, grad_accum=1, max_length=32, logging_steps=1)
+    res = finetune.train_lora(
+        tiny_mixtral,
+        rows,
+        tmp_path / "adapter",
+        preset="mixtral-experts",
+        quantize="4bit",
+        steps=1,
+        batch_size=2,
+        grad_accum=1,
+        max_length=32,
+        logging_steps=1,
+    )
     assert res.metrics["weight_bytes"]["uint8"] > 0 and len(res.losses) == 1
     merged = finetune.merge_adapter(tiny_mixtral, res.adapter_dir, tmp_path / "merged")
-    verify.load_check(merged)
+    models.load_check(merged)
     assert set(verify.compare(tiny_mixtral, merged).differ) >= _names(tiny_mixtral, ATTN_RE)
 
 

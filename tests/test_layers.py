@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers import cli, layers, synth
-from helpers.checkpoint import Checkpoint
-from helpers.verify import load_check
+from helpers import cli
+from helpers.core.checkpoint import Checkpoint
+from helpers.core.models import load_check
+from helpers.layers import drop as layers
+from helpers.toy import synth
 
 TEXTS = [
     "question : what is 3 plus 4 ? answer : 7 .",
@@ -153,18 +155,21 @@ def test_distances_json_roundtrip():
     assert np.array_equal(back, D, equal_nan=True)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(drop_frac=-0.1), r"--drop-frac -0.1 is outside \[0, 1\)"),
-    (dict(drop_frac=1.0), r"--drop-frac 1.0 is outside"),
-    (dict(drop_frac=0.01), r"drops no layer"),
-    (dict(drop_frac=0.95), r"nothing left"),
-    (dict(layers="3-9"), r"--layers 3-9 is out of range for a 8-layer"),
-    (dict(layers="5-2"), r"--layers 5-2 is out of range"),
-    (dict(layers="x"), r"--layers 'x': expected a-b"),
-    (dict(layers="6-7", keep_last_layer=True), r"--layers 6-7 touches the last layer"),
-    (dict(layers="0-7"), r"nothing left"),
-    (dict(drop_frac=0.25, n_bundles=3), r"--n-bundles 3"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(drop_frac=-0.1), r"--drop-frac -0.1 is outside \[0, 1\)"),
+        (dict(drop_frac=1.0), r"--drop-frac 1.0 is outside"),
+        (dict(drop_frac=0.01), r"drops no layer"),
+        (dict(drop_frac=0.95), r"nothing left"),
+        (dict(layers="3-9"), r"--layers 3-9 is out of range for a 8-layer"),
+        (dict(layers="5-2"), r"--layers 5-2 is out of range"),
+        (dict(layers="x"), r"--layers 'x': expected a-b"),
+        (dict(layers="6-7", keep_last_layer=True), r"--layers 6-7 touches the last layer"),
+        (dict(layers="0-7"), r"nothing left"),
+        (dict(drop_frac=0.25, n_bundles=3), r"--n-bundles 3"),
+    ],
+)
 def test_plan_errors_are_one_line(kw, match):
     with pytest.raises(ValueError, match=match) as e:
         layers.plan_layer_drop(_config(), _distances(), **kw)
@@ -175,8 +180,24 @@ def test_plan_errors_are_one_line(kw, match):
 def test_cli_layer_drop_with_calibration(base, model_tok, tmp_path, monkeypatch):
     monkeypatch.setattr(layers, "calib_texts", lambda source, n=None, **kw: TEXTS[:n])
     a, r = tmp_path / "A", tmp_path / "bundles"
-    rc = cli.main(["layer-drop", "--model", str(base), "--drop_frac", "0.5", "--keep_last_layer", "--n-samples", "5",
-                   "--seq-len", "32", "--save_dir", str(a), "--save_removed_dir", str(r)])
+    rc = cli.main(
+        [
+            "layer-drop",
+            "--model",
+            str(base),
+            "--drop_frac",
+            "0.5",
+            "--keep_last_layer",
+            "--n-samples",
+            "5",
+            "--seq-len",
+            "32",
+            "--save_dir",
+            str(a),
+            "--save_removed_dir",
+            str(r),
+        ]
+    )
     assert rc == 0
     plan = json.loads((r / "plan.json").read_text())
     model, tok = model_tok
@@ -205,11 +226,14 @@ def test_cli_layer_drop_explicit_and_overwrite(base, tmp_path, capsys):
     assert json.loads((a / "layer_drop.json").read_text())["dropped"] == [1, 2]
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--drop-frac", "1.2"], "--drop-frac 1.2"),
-    (["--layers", "4-8"], "--layers 4-8"),
-    (["--layers", "5-7", "--keep-last-layer"], "touches the last layer"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--drop-frac", "1.2"], "--drop-frac 1.2"),
+        (["--layers", "4-8"], "--layers 4-8"),
+        (["--layers", "5-7", "--keep-last-layer"], "touches the last layer"),
+    ],
+)
 def test_cli_bad_flags_fail_before_any_work(base, tmp_path, capsys, flags, needle):
     a, r = tmp_path / "A", tmp_path / "bundles"
     rc = cli.main(["layer-drop", "--model", str(base), *flags, "--save-dir", str(a), "--save-removed-dir", str(r)])

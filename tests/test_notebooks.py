@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from helpers import runner
-from helpers.checkpoint import Checkpoint
-from helpers.experts import fingerprint
-from helpers.manifest import load, output_path
-from helpers.verify import compare, load_check
+from helpers.core.checkpoint import Checkpoint
+from helpers.core.manifest import load, output_path
+from helpers.core.models import load_check
+from helpers.core.verify import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -65,11 +65,14 @@ def test_expert_scores(story):
     assert m2["metrics"]["delta_adapter_vs_checkpoints_max_rel_diff"] < 1e-4
     scores = json.loads(output_path(m2, "scores").read_text())
     assert {"delta_l2", "delta_l2_w1", "frequency", "reap", "uniqueness", "random"} <= set(scores["criteria"])
-    assert scores["fingerprint"] == fingerprint(Checkpoint(m1["inputs"]["base"]["path"]).config)
+    assert scores["fingerprint"] == expert_layout(Checkpoint(m1["inputs"]["base"]["path"]).config)
     assert scores["meta"]["calib"] == "toy" and scores["meta"]["world"] == m1["inputs"]["world"]["path"]  # 01's world
     assert m2["metrics"]["n_calib_tokens"] > 0
-    assert {p.name for p in output_path(m2, "figures").glob("*.png")} == {"heatmaps.png", "distances.png",
-                                                                          "rank_agreement.png"}
+    assert {p.name for p in output_path(m2, "figures").glob("*.png")} == {
+        "heatmaps.png",
+        "distances.png",
+        "rank_agreement.png",
+    }
 
 
 def test_pruned_layouts(story):
@@ -108,9 +111,18 @@ def test_benchmarks_cover_every_variant(story):
     out, _ = story
     m6 = _m(out, "06_benchmarks")
     variants = m6["metrics"]["variants"]
-    assert {"mixtral_base", "mixtral_finetuned", "mixtral_pruned_standard", "mixtral_pruned_consolidated",
-            "mistral_base", "mistral_stage_a", "mistral_stage_ab", "mistral_stage_full", "mistral_healed_a",
-            "mistral_routed"} <= set(variants)
+    assert {
+        "mixtral_base",
+        "mixtral_finetuned",
+        "mixtral_pruned_standard",
+        "mixtral_pruned_consolidated",
+        "mistral_base",
+        "mistral_stage_a",
+        "mistral_stage_ab",
+        "mistral_stage_full",
+        "mistral_healed_a",
+        "mistral_routed",
+    } <= set(variants)
     summary = output_path(m6, "summary").read_text()
     for v in variants:
         assert f"| {v} |" in summary

@@ -24,14 +24,25 @@ def _notebook(path: Path, params: str, body: str) -> None:
 def lab(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "configs").mkdir()
-    body = ("import json, pathlib\n"
-            "pathlib.Path(RUN_DIR).mkdir(parents=True, exist_ok=True)\n"
-            "json.dump({'preset': PRESET, 'x': X, 'up': UP}, open(pathlib.Path(RUN_DIR) / 'manifest.json', 'w'))")
-    _notebook(tmp_path / "notebooks/01_first.ipynb", 'PRESET = "p"  # preset\nRUN_DIR = "r"  # out\nX = 1  # x\nUP = ""  # upstream', body)
-    _notebook(tmp_path / "notebooks/02_second.ipynb", 'PRESET = "p"  # preset\nRUN_DIR = "r"  # out\nX = 1  # x\nUP = ""  # upstream', body)
+    body = (
+        "import json, pathlib\n"
+        "pathlib.Path(RUN_DIR).mkdir(parents=True, exist_ok=True)\n"
+        "json.dump({'preset': PRESET, 'x': X, 'up': UP}, open(pathlib.Path(RUN_DIR) / 'manifest.json', 'w'))"
+    )
+    _notebook(
+        tmp_path / "notebooks/01_first.ipynb",
+        'PRESET = "p"  # preset\nRUN_DIR = "r"  # out\nX = 1  # x\nUP = ""  # upstream',
+        body,
+    )
+    _notebook(
+        tmp_path / "notebooks/02_second.ipynb",
+        'PRESET = "p"  # preset\nRUN_DIR = "r"  # out\nX = 1  # x\nUP = ""  # upstream',
+        body,
+    )
     _notebook(tmp_path / "notebooks/03_fails.ipynb", 'PRESET = "p"\nRUN_DIR = "r"', "raise ValueError('boom in cell')")
     (tmp_path / "configs/demo.yaml").write_text(
-        'notebooks:\n  "01": {X: 5}\n  02: {X: 7, UP: "{run}/01_first/manifest.json"}\n')
+        'notebooks:\n  "01": {X: 5}\n  02: {X: 7, UP: "{run}/01_first/manifest.json"}\n'
+    )
     return tmp_path
 
 
@@ -47,10 +58,12 @@ def test_runs_selected_notebooks_with_preset_parameters(lab):
 
 
 def test_progress_bars_keep_their_final_state_only(lab):
-    body = ("import sys\n"
-            "for i in range(50):\n"
-            "    sys.stderr.write(f'\\rbar: {i + 1}/50'); sys.stderr.flush()\n"
-            "sys.stderr.write('\\n\\x1b[A'); print('done')")
+    body = (
+        "import sys\n"
+        "for i in range(50):\n"
+        "    sys.stderr.write(f'\\rbar: {i + 1}/50'); sys.stderr.flush()\n"
+        "sys.stderr.write('\\n\\x1b[A'); print('done')"
+    )
     _notebook(lab / "notebooks/04_bars.ipynb", 'PRESET = "p"\nRUN_DIR = "r"', body)
     (done,) = runner.run("demo", only="04", root=lab, html=False)
     outs = json.loads(done.read_text())["cells"][-1]["outputs"]

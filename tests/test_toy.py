@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import toy, toy_tasks
-from helpers.checkpoint import Checkpoint
-from helpers.verify import load_check
-from helpers.manifest import load as load_manifest
-from helpers.toy_train import encode_pairs
+from helpers.core.checkpoint import Checkpoint
+from helpers.core.manifest import load as load_manifest
+from helpers.core.models import load_check
+from helpers.toy import tasks as toy_tasks
+from helpers.toy import world as toy
+from helpers.toy.train import encode_pairs
 
 SPLITS = ("test", "validation", "train")
 
@@ -35,8 +36,12 @@ def test_same_seed_gives_identical_bytes(tmp_path):
     b = _data_and_tokenizer(tmp_path / "b", seed=0)
     c = _data_and_tokenizer(tmp_path / "c", seed=1)
     assert {f"mmlu_pro/data/{s}-00000-of-00001.parquet" for s in SPLITS} <= set(a)
-    assert {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "finetune/train.jsonl",
-            "calib/calib.jsonl"} <= set(a)
+    assert {
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "finetune/train.jsonl",
+        "calib/calib.jsonl",
+    } <= set(a)
     assert a == b
     assert a["mmlu_pro/data/test-00000-of-00001.parquet"] != c["mmlu_pro/data/test-00000-of-00001.parquet"]
 
@@ -73,15 +78,26 @@ def test_schema_holds_on_every_row(tmp_path):
     assert leaked == []
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"options": ["1", "1", "2"]}, "duplicate"),
-    ({"answer": "C"}, "does not match"),
-    ({"options": ["1", "", "2"]}, "non-empty"),
-    ({"cot_content": "A: Let's think step by step. The answer is (C)."}, "official style"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"options": ["1", "1", "2"]}, "duplicate"),
+        ({"answer": "C"}, "does not match"),
+        ({"options": ["1", "", "2"]}, "non-empty"),
+        ({"cot_content": "A: Let's think step by step. The answer is (C)."}, "official style"),
+    ],
+)
 def test_check_row_rejects_broken_rows(bad, msg):
-    row = {"question_id": 7, "question": "q?", "options": ["1", "2", "3"], "answer": "B", "answer_index": 1,
-           "cot_content": toy_tasks.cot("r.", "B"), "category": "c", "src": "s"}
+    row = {
+        "question_id": 7,
+        "question": "q?",
+        "options": ["1", "2", "3"],
+        "answer": "B",
+        "answer_index": 1,
+        "cot_content": toy_tasks.cot("r.", "B"),
+        "category": "c",
+        "src": "s",
+    }
     toy_tasks.check_row(row)
     with pytest.raises(ValueError, match=msg):
         toy_tasks.check_row({**row, **bad})
@@ -109,8 +125,9 @@ def test_quick_world_loads_offline(world):
         ids = tok("Question: What is 12 plus 30?\nAnswer:", return_tensors="pt").input_ids
         assert ids[0, 0].item() == tok.bos_token_id
         assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
-        chat = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-                                       tokenize=False)
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False
+        )
         assert chat == "<s>[INST] hi [/INST] yo</s>" == toy_tasks.chat_prompt("hi") + " yo</s>"  # as pretrained
     cfg = json.loads((world / "mixtral" / "config.json").read_text())
     assert (cfg["num_local_experts"], cfg["num_experts_per_tok"]) == (8, 2)
@@ -166,7 +183,7 @@ def test_manifest_accuracy_is_what_helpers_eval_scores_from_disk(world):
     raw, norm = mmlu_pro.evaluate(model, tok, questions, mode="cloze", progress=False)
     assert toy.accuracy_block(raw) == m["cloze"]["mistral"] and toy.accuracy_block(norm) == m["cloze_norm"]["mistral"]
     assert m["cloze"]["mistral"]["overall"] == round(sum(raw.correct) / len(questions), 4)
-    loglik, = mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", progress=False)
+    (loglik,) = mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", progress=False)
     assert toy.accuracy_block(loglik) == m["loglik"]["mistral"]
 
 
@@ -237,8 +254,17 @@ def test_cloze_scores_the_answer_tokens_the_models_were_trained_on(world):
     assert torch.allclose(flat(single.outputs), flat(want), atol=1e-4)
     assert batched.correct == [max(range(len(w)), key=w.__getitem__) == q.answer_index for w, q in zip(want, qs)]
     # the scorer reads text, not letters: an option's score does not depend on its position
-    swapped = [mmlu_pro.to_question({**r, "options": r["options"][::-1], "answer_index": len(r["options"]) - 1 - r["answer_index"],
-                                     "answer": "ABCDEFGHIJ"[len(r["options"]) - 1 - r["answer_index"]]}) for r in rows]
+    swapped = [
+        mmlu_pro.to_question(
+            {
+                **r,
+                "options": r["options"][::-1],
+                "answer_index": len(r["options"]) - 1 - r["answer_index"],
+                "answer": "ABCDEFGHIJ"[len(r["options"]) - 1 - r["answer_index"]],
+            }
+        )
+        for r in rows
+    ]
     rev, _ = mmlu_pro.score_cloze(model, tok, swapped, batch_size=64, progress=False)
     assert torch.allclose(flat([o[::-1] for o in rev.outputs]), flat(batched.outputs), atol=1e-4)
     assert rev.correct == batched.correct

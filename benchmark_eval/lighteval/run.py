@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from helpers.eval.run import Plan, evaluate_dir  # noqa: E402
+from helpers.eval import Plan, evaluate_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,10 +24,17 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="questions per batch")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
     ap.add_argument("--variant", default=None)
-    ap.add_argument("--out", required=True, help="eval_results/<preset>/<variant>/ (lighteval's own output in lighteval/)")
+    ap.add_argument(
+        "--out", required=True, help="eval_results/<preset>/<variant>/ (lighteval's own output in lighteval/)"
+    )
     a = ap.parse_args(argv)
-    plan = Plan(modes=(), lighteval_modes=tuple(a.modes.split(",")), lighteval_limit=a.limit,
-                max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    plan = Plan(
+        modes=(),
+        lighteval_modes=tuple(a.modes.split(",")),
+        lighteval_limit=a.limit,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size,
+    )
     print(evaluate_dir(a.model, a.out, plan, data=a.data, variant=a.variant, dtype=a.dtype))
     return 0
 

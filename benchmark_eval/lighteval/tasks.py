@@ -12,8 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from helpers.eval import mmlu_pro  # noqa: E402
-from helpers.eval.lighteval_run import task_configs  # noqa: E402
+from helpers.eval import (
+    mmlu_pro,  # noqa: E402
+    task_configs,  # noqa: E402
+)
 
 DATA = os.environ.get("MMLU_PRO_DATA", mmlu_pro.HUB_ID)
 _, SHOTS = mmlu_pro.load(DATA, limit=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from helpers.eval.run import Plan, evaluate_dir  # noqa: E402
+from helpers.eval import Plan, evaluate_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,8 +29,15 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default=None)
     ap.add_argument("--out", required=True, help="eval_results/<preset>/<variant>/")
     a = ap.parse_args(argv)
-    plan = Plan(modes=tuple(a.modes.split(",")), limit=a.limit, cot_limit=a.cot_limit, cot_shots=a.cot_shots,
-                loglik_shots=a.loglik_shots, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    plan = Plan(
+        modes=tuple(a.modes.split(",")),
+        limit=a.limit,
+        cot_limit=a.cot_limit,
+        cot_shots=a.cot_shots,
+        loglik_shots=a.loglik_shots,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size,
+    )
     print(evaluate_dir(a.model, a.out, plan, data=a.data, variant=a.variant, dtype=a.dtype))
     return 0
 

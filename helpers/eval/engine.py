@@ -16,15 +16,13 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+from helpers.core.models import model_device
 
 
 def model_max_length(model) -> int | None:
@@ -61,8 +59,10 @@ def _expand(cache, rows: torch.Tensor):
     """A new cache holding the given batch rows of `cache` (rows may repeat)."""
     from transformers import DynamicCache
 
-    data = [(l.keys.index_select(0, rows), l.values.index_select(0, rows)) if l.is_initialized else (None, None)
-            for l in cache.layers]
+    data = [
+        (l.keys.index_select(0, rows), l.values.index_select(0, rows)) if l.is_initialized else (None, None)
+        for l in cache.layers
+    ]
     return DynamicCache(ddp_cache_data=data)
 
 
@@ -80,8 +80,9 @@ def split_common(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], int
 
 
 @torch.inference_mode()
-def _score_batch(model, ctxs: list[list[int]], moved: list[int], conts: list[list[list[int]]], pad_id: int,
-                 max_rows: int) -> list[list[float]]:
+def _score_batch(
+    model, ctxs: list[list[int]], moved: list[int], conts: list[list[list[int]]], pad_id: int, max_rows: int
+) -> list[list[float]]:
     """Scores of a batch; ctxs[i] ends with moved[i] tokens shared by all its continuations."""
     dev = model_device(model)
     B = len(ctxs)
@@ -106,7 +107,7 @@ def _score_batch(model, ctxs: list[list[int]], moved: list[int], conts: list[lis
         return scores
     ctx_mask = (torch.arange(Lc)[None, :] < lens[:, None]).long()  # [B, Lc]
     for s in range(0, len(multi), max_rows):
-        chunk = multi[s: s + max_rows]
+        chunk = multi[s : s + max_rows]
         rows = torch.tensor([i for i, _ in chunk])
         Lk = max(len(conts[i][j]) - 1 for i, j in chunk)
         inp = torch.full((len(chunk), Lk), pad_id, dtype=torch.long)
@@ -115,18 +116,33 @@ def _score_batch(model, ctxs: list[list[int]], moved: list[int], conts: list[lis
         for r, (i, j) in enumerate(chunk):
             k = conts[i][j][:-1]
             inp[r, : len(k)] = torch.tensor(k)
-            mask[r, Lc: Lc + len(k)] = 1
+            mask[r, Lc : Lc + len(k)] = 1
         pos = lens[rows][:, None] + torch.arange(Lk)[None, :]  # [P, Lk] true positions after each context
-        lp = F.log_softmax(model(input_ids=inp.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                                 past_key_values=_expand(cache, rows.to(dev)), use_cache=True).logits.float(), dim=-1)
+        lp = F.log_softmax(
+            model(
+                input_ids=inp.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.to(dev),
+                past_key_values=_expand(cache, rows.to(dev)),
+                use_cache=True,
+            ).logits.float(),
+            dim=-1,
+        )
         for r, (i, j) in enumerate(chunk):
             tgt = torch.tensor(conts[i][j][1:], device=dev)
             scores[i][j] += float(lp[r, torch.arange(len(tgt), device=dev), tgt].sum())
     return scores
 
 
-def score_choices(model, tok, requests: Sequence[tuple[str, Sequence[str]]], batch_size: int = 8,
-                  max_length: int | None = None, progress: bool = True, desc: str = "score") -> list[list[float]]:
+def score_choices(
+    model,
+    tok,
+    requests: Sequence[tuple[str, Sequence[str]]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "score",
+) -> list[list[float]]:
     """Sum of log-probabilities of each continuation after its context, for every request.
 
     Contexts are left-truncated so that context + longest continuation fits `max_length` (default
@@ -138,17 +154,18 @@ def score_choices(model, tok, requests: Sequence[tuple[str, Sequence[str]]], bat
     for ctx, conts in requests:
         c, n, ks = split_common(*encode_pair(tok, ctx, conts))
         if max_length is not None:
-            c = c[-max(1 + n, max_length - max(len(k) for k in ks)):]
+            c = c[-max(1 + n, max_length - max(len(k) for k in ks)) :]
         enc.append((c, n, ks))
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out: list[list[float] | None] = [None] * len(enc)
     bar = tqdm(total=len(enc), desc=desc, disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
+        idx = order[s : s + batch_size]
         max_rows = batch_size * max(len(enc[i][2]) for i in idx)
-        res = _score_batch(model, [enc[i][0] for i in idx], [enc[i][1] for i in idx], [enc[i][2] for i in idx], pad,
-                           max_rows)
+        res = _score_batch(
+            model, [enc[i][0] for i in idx], [enc[i][1] for i in idx], [enc[i][2] for i in idx], pad, max_rows
+        )
         for i, r in zip(idx, res):
             out[i] = r
         bar.update(len(idx))
@@ -163,14 +180,21 @@ class _StopOnText:
         self.tok, self.stop, self.start = tok, stop, prompt_len
 
     def __call__(self, input_ids, scores, **kw) -> torch.BoolTensor:
-        tail = input_ids[:, self.start:][:, -16:]
+        tail = input_ids[:, self.start :][:, -16:]
         texts = self.tok.batch_decode(tail, skip_special_tokens=True)
         return torch.tensor([self.stop in t for t in texts], device=input_ids.device)
 
 
 @torch.inference_mode()
-def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 256, stop: str | None = None,
-             batch_size: int = 4, progress: bool = True) -> list[str]:
+def generate(
+    model,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    stop: str | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[str]:
     """Greedy continuations of `prompts` (left-padded batches), cut at the first `stop`."""
     from transformers import StoppingCriteriaList
 
@@ -181,16 +205,23 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int = 256, stop
     out: list[str | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
+        idx = order[s : s + batch_size]
         enc = [tok(prompts[i], add_special_tokens=True)["input_ids"] for i in idx]
         L = max(len(e) for e in enc)
         ids = torch.full((len(enc), L), pad, dtype=torch.long)
         mask = torch.zeros((len(enc), L), dtype=torch.long)
         for r, e in enumerate(enc):
-            ids[r, L - len(e):], mask[r, L - len(e):] = torch.tensor(e), 1
+            ids[r, L - len(e) :], mask[r, L - len(e) :] = torch.tensor(e), 1
         crit = StoppingCriteriaList([_StopOnText(tok, stop, L)]) if stop else None
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, stopping_criteria=crit, past_key_values=new_cache())
+        gen = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            stopping_criteria=crit,
+            past_key_values=new_cache(),
+        )
         texts = tok.batch_decode(gen[:, L:], skip_special_tokens=True)
         for i, t in zip(idx, texts):
             out[i] = t.split(stop)[0] if stop else t
@@ -236,8 +267,9 @@ class _PeakRSS:
 
 
 @torch.inference_mode()
-def measure_speed(model, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1,
-                  vocab: int | None = None, seed: int = 0) -> dict:
+def measure_speed(
+    model, prompt_tokens: int = 128, new_tokens: int = 32, batch_size: int = 1, vocab: int | None = None, seed: int = 0
+) -> dict:
     """Prefill tokens/s (one forward over random prompts), decode tokens/s (greedy with a KV cache
     after that prefill) and peak memory: CUDA max allocated, or on CPU the weights' bytes plus the
     peak RSS growth during the probe (activations and KV cache), comparable across variants."""
@@ -272,6 +304,8 @@ def measure_speed(model, prompt_tokens: int = 128, new_tokens: int = 32, batch_s
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if cuda else weights + int(rss.growth),
         "memory_kind": "cuda_max_allocated" if cuda else "weights_plus_peak_rss_growth",
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch_size": batch_size,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }

@@ -20,8 +20,8 @@ import shutil
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from helpers.eval import mmlu_pro
 from helpers.eval.mmlu_pro import Question, TaskResult
@@ -42,12 +42,23 @@ def _extract_metric():
             pred = mmlu_pro.extract_answer(model_response.final_text[0])
             return int(pred is not None and pred == doc.specific["answer"])
 
-    return SampleLevelMetric(metric_name="acc", sample_level_fn=OfficialExtraction(),
-                             category=SamplingMethod.GENERATIVE, corpus_level_fn=np.mean, higher_is_better=True)
+    return SampleLevelMetric(
+        metric_name="acc",
+        sample_level_fn=OfficialExtraction(),
+        category=SamplingMethod.GENERATIVE,
+        corpus_level_fn=np.mean,
+        higher_is_better=True,
+    )
 
 
-def task_configs(data_dir, shots: dict[str, list[Question]], modes: Sequence[str], loglik_shots: int = 0,
-                 cot_shots: int = 5, max_new_tokens: int = 256) -> list:
+def task_configs(
+    data_dir,
+    shots: dict[str, list[Question]],
+    modes: Sequence[str],
+    loglik_shots: int = 0,
+    cot_shots: int = 5,
+    max_new_tokens: int = 256,
+) -> list:
     """LightevalTaskConfigs reading `data_dir` (hub layout) with prompt functions equal to ours."""
     from lighteval.metrics.metrics import Metrics
     from lighteval.tasks.lighteval_task import LightevalTaskConfig
@@ -58,23 +69,51 @@ def task_configs(data_dir, shots: dict[str, list[Question]], modes: Sequence[str
 
     def loglik_doc(line, task_name: str = None):
         q = mmlu_pro.to_question(line)
-        return Doc(task_name=task_name, query=mmlu_pro.loglik_prompt(q, shots, loglik_shots),
-                   choices=mmlu_pro.loglik_choices(q), gold_index=q.answer_index, specific=specific(q))
+        return Doc(
+            task_name=task_name,
+            query=mmlu_pro.loglik_prompt(q, shots, loglik_shots),
+            choices=mmlu_pro.loglik_choices(q),
+            gold_index=q.answer_index,
+            specific=specific(q),
+        )
 
     def cot_doc(line, task_name: str = None):
         q = mmlu_pro.to_question(line)
-        return Doc(task_name=task_name, query=mmlu_pro.cot_prompt(q, shots, cot_shots), choices=[q.answer],
-                   gold_index=0, specific=specific(q))
+        return Doc(
+            task_name=task_name,
+            query=mmlu_pro.cot_prompt(q, shots, cot_shots),
+            choices=[q.answer],
+            gold_index=0,
+            specific=specific(q),
+        )
 
-    common = dict(hf_repo=str(data_dir), hf_subset="default", hf_avail_splits=["test", "validation"],
-                  evaluation_splits=["test"], few_shots_split=None, few_shots_select="sequential", version=0)
+    common = dict(
+        hf_repo=str(data_dir),
+        hf_subset="default",
+        hf_avail_splits=["test", "validation"],
+        evaluation_splits=["test"],
+        few_shots_split=None,
+        few_shots_select="sequential",
+        version=0,
+    )
     out = []
     if "loglik" in modes:
-        out.append(LightevalTaskConfig(name=TASKS["loglik"], prompt_function=loglik_doc,
-                                       metrics=[Metrics.loglikelihood_acc], **common))
+        out.append(
+            LightevalTaskConfig(
+                name=TASKS["loglik"], prompt_function=loglik_doc, metrics=[Metrics.loglikelihood_acc], **common
+            )
+        )
     if "cot" in modes:
-        out.append(LightevalTaskConfig(name=TASKS["cot"], prompt_function=cot_doc, metrics=[_extract_metric()],
-                                       generation_size=max_new_tokens, stop_sequence=[mmlu_pro.COT_STOP], **common))
+        out.append(
+            LightevalTaskConfig(
+                name=TASKS["cot"],
+                prompt_function=cot_doc,
+                metrics=[_extract_metric()],
+                generation_size=max_new_tokens,
+                stop_sequence=[mmlu_pro.COT_STOP],
+                **common,
+            )
+        )
     bad = sorted(set(modes) - set(TASKS))
     if bad:
         raise ValueError(f"lighteval --mode {bad[0]!r}: expected one of {sorted(TASKS)}")
@@ -116,11 +155,22 @@ def _keep_grad_mode():
         torch.set_grad_enabled(was)
 
 
-def run_lighteval(model, questions: Sequence[Question], shots: dict[str, list[Question]], out_dir,
-                  modes: Sequence[str] = ("loglik",), tokenizer=None, batch_size: int = 8,
-                  max_length: int | None = None, loglik_shots: int = 0, cot_shots: int = 5,
-                  max_new_tokens: int = 256, device: str | None = None, dtype: str = "float32",
-                  name: str | None = None) -> list[TaskResult]:
+def run_lighteval(
+    model,
+    questions: Sequence[Question],
+    shots: dict[str, list[Question]],
+    out_dir,
+    modes: Sequence[str] = ("loglik",),
+    tokenizer=None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    loglik_shots: int = 0,
+    cot_shots: int = 5,
+    max_new_tokens: int = 256,
+    device: str | None = None,
+    dtype: str = "float32",
+    name: str | None = None,
+) -> list[TaskResult]:
     """Evaluate `model` (checkpoint dir, or an in-memory model with `tokenizer` a dir) with lighteval.
 
     The questions are written as a local dataset so lighteval scores exactly the same set; its
@@ -128,12 +178,40 @@ def run_lighteval(model, questions: Sequence[Question], shots: dict[str, list[Qu
     lighteval_loglik / lighteval_cot), with lighteval's aggregate kept as `lighteval_acc`.
     """
     with _keep_grad_mode():
-        return _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_size, max_length,
-                              loglik_shots, cot_shots, max_new_tokens, device, dtype, name)
+        return _run_lighteval(
+            model,
+            questions,
+            shots,
+            out_dir,
+            modes,
+            tokenizer,
+            batch_size,
+            max_length,
+            loglik_shots,
+            cot_shots,
+            max_new_tokens,
+            device,
+            dtype,
+            name,
+        )
 
 
-def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_size, max_length, loglik_shots,
-                   cot_shots, max_new_tokens, device, dtype, name) -> list[TaskResult]:
+def _run_lighteval(
+    model,
+    questions,
+    shots,
+    out_dir,
+    modes,
+    tokenizer,
+    batch_size,
+    max_length,
+    loglik_shots,
+    cot_shots,
+    max_new_tokens,
+    device,
+    dtype,
+    name,
+) -> list[TaskResult]:
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.models.transformers.transformers_model import TransformersModelConfig
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
@@ -144,8 +222,7 @@ def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_siz
     if not in_memory and not Path(model).is_dir():
         raise FileNotFoundError(f"{model}: no such model directory")
     if device is None:
-        from helpers.eval.engine import model_device
-        from helpers.verify import default_device
+        from helpers.core.models import default_device, model_device
 
         device = str(model_device(model)) if in_memory else default_device()
     n_choices = max(len(q.options) for q in questions)
@@ -159,28 +236,60 @@ def _run_lighteval(model, questions, shots, out_dir, modes, tokenizer, batch_siz
             tasks_mod.TASKS_TABLE = task_configs(data_dir, shots, [mode], loglik_shots, cot_shots, max_new_tokens)
             cfg = TransformersModelConfig(
                 model_name=(name or "model") if in_memory else str(model),
-                tokenizer=str(tokenizer) if tokenizer else None, device=device, dtype=dtype,
-                batch_size=batch_size * n_choices if mode == "loglik" else batch_size, max_length=max_length,
-                override_chat_template=False, cache_dir=str(Path(tmp) / f"cache-{mode}"), model_parallel=False)
-            params = PipelineParameters(launcher_type=ParallelismManager.NONE, custom_tasks_directory=tasks_mod,
-                                        bootstrap_iters=0, max_samples=None)
-            tracker = EvaluationTracker(output_dir=str(le_out), save_details=True,
-                                        results_path_template="{output_dir}/results")
+                tokenizer=str(tokenizer) if tokenizer else None,
+                device=device,
+                dtype=dtype,
+                batch_size=batch_size * n_choices if mode == "loglik" else batch_size,
+                max_length=max_length,
+                override_chat_template=False,
+                cache_dir=str(Path(tmp) / f"cache-{mode}"),
+                model_parallel=False,
+            )
+            params = PipelineParameters(
+                launcher_type=ParallelismManager.NONE,
+                custom_tasks_directory=tasks_mod,
+                bootstrap_iters=0,
+                max_samples=None,
+            )
+            tracker = EvaluationTracker(
+                output_dir=str(le_out), save_details=True, results_path_template="{output_dir}/results"
+            )
             with only_our_tasks():
-                pipe = Pipeline(tasks=f"{TASKS[mode]}|0", pipeline_parameters=params, evaluation_tracker=tracker,
-                                model_config=cfg, model=model if in_memory else None)
+                pipe = Pipeline(
+                    tasks=f"{TASKS[mode]}|0",
+                    pipeline_parameters=params,
+                    evaluation_tracker=tracker,
+                    model_config=cfg,
+                    model=model if in_memory else None,
+                )
             pipe.model._cache = None  # keyed on the config, not the weights: never reuse predictions
             t = time.perf_counter()
             pipe.evaluate()
             seconds = time.perf_counter() - t
             pipe.save_and_push_results()
-            out.append(_convert(dict(tracker.metrics_logger.metric_aggregated), pipe.get_details(), questions, mode,
-                                seconds, le_out, Path(out_dir)))
+            out.append(
+                _convert(
+                    dict(tracker.metrics_logger.metric_aggregated),
+                    pipe.get_details(),
+                    questions,
+                    mode,
+                    seconds,
+                    le_out,
+                    Path(out_dir),
+                )
+            )
     return out
 
 
-def _convert(aggregated: dict, details: dict, questions: Sequence[Question], mode: str, seconds: float,
-             le_out: Path, out_dir: Path) -> TaskResult:
+def _convert(
+    aggregated: dict,
+    details: dict,
+    questions: Sequence[Question],
+    mode: str,
+    seconds: float,
+    le_out: Path,
+    out_dir: Path,
+) -> TaskResult:
     """LightEval's details -> our TaskResults (per question prediction, in our question order);
     `lighteval_results` is the path of its results file in `le_out`, relative to `out_dir`."""
     import numpy as np
@@ -205,7 +314,16 @@ def _convert(aggregated: dict, details: dict, questions: Sequence[Question], mod
     if missing:
         raise KeyError(f"lighteval scored no output for questions {missing[:5]}")
     their_acc = aggregated.get(full, {}).get("acc")
-    return TaskResult(RESULT_NAMES[mode], list(questions), preds, outs, seconds,
-                      {"mode": mode, "lighteval_acc": None if their_acc is None else float(their_acc),
-                       "lighteval_task": full,
-                       "lighteval_results": str(newest.relative_to(out_dir))})
+    return TaskResult(
+        RESULT_NAMES[mode],
+        list(questions),
+        preds,
+        outs,
+        seconds,
+        {
+            "mode": mode,
+            "lighteval_acc": None if their_acc is None else float(their_acc),
+            "lighteval_task": full,
+            "lighteval_results": str(newest.relative_to(out_dir)),
+        },
+    )

@@ -18,9 +18,9 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 LETTERS = "ABCDEFGHIJKLMNOP"
 HUB_ID = "TIGER-Lab/MMLU-Pro"
@@ -28,8 +28,10 @@ MODES = ("cot", "loglik", "cloze")
 CATEGORY_KEYS = ("question_id", "question", "options", "answer", "answer_index", "category")
 
 # The official CoT header (classic initial_prompt.txt), then a blank line.
-COT_HEADER = ('The following are multiple choice questions (with answers) about {subject}. Think step by step and '
-              'then finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n')
+COT_HEADER = (
+    "The following are multiple choice questions (with answers) about {subject}. Think step by step and "
+    'then finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n'
+)
 COT_STOP = "Question:"
 # Cloze: the question as a context, each option's text as the continuation.
 CLOZE_CONTEXT = "Question: {question}\nAnswer:"
@@ -77,10 +79,19 @@ def to_question(row: dict) -> Question:
     options = tuple(str(o) for o in row["options"] if str(o) != "N/A")
     idx = int(row["answer_index"])
     if not 0 <= idx < len(options) or LETTERS[idx] != row["answer"]:
-        raise ValueError(f"MMLU-Pro question {row['question_id']}: answer {row['answer']!r} (index {idx}) "
-                         f"does not name one of its {len(options)} options")
-    return Question(row["question_id"], str(row["question"]), options, str(row["answer"]), idx,
-                    str(row["category"]), str(row.get("cot_content") or ""))
+        raise ValueError(
+            f"MMLU-Pro question {row['question_id']}: answer {row['answer']!r} (index {idx}) "
+            f"does not name one of its {len(options)} options"
+        )
+    return Question(
+        row["question_id"],
+        str(row["question"]),
+        options,
+        str(row["answer"]),
+        idx,
+        str(row["category"]),
+        str(row.get("cot_content") or ""),
+    )
 
 
 def take(questions: Sequence[Question], limit: int | None) -> list[Question]:
@@ -103,8 +114,9 @@ def take(questions: Sequence[Question], limit: int | None) -> list[Question]:
     return sorted(out, key=lambda q: order[id(q)])
 
 
-def load(data=None, limit: int | None = None, categories: Iterable[str] | None = None
-         ) -> tuple[list[Question], dict[str, list[Question]]]:
+def load(
+    data=None, limit: int | None = None, categories: Iterable[str] | None = None
+) -> tuple[list[Question], dict[str, list[Question]]]:
     """(test questions, validation shots by category) from a local dir or the hub (default TIGER-Lab/MMLU-Pro)."""
     data = data or HUB_ID
     test = [to_question(r) for r in _rows(data, "test")]
@@ -129,9 +141,15 @@ def write_dataset(out, test: Sequence[dict], validation: Sequence[dict]) -> Path
     return Path(out)
 
 
-def synthetic_rows(n_per_category: int = 6, *, categories: Sequence[str] = ("math", "computer science", "history"),
-                   n_shots: int = 5, n_options: tuple[int, int] = (4, 10), pad_prob: float = 0.3, seed: int = 0
-                   ) -> tuple[list[dict], list[dict]]:
+def synthetic_rows(
+    n_per_category: int = 6,
+    *,
+    categories: Sequence[str] = ("math", "computer science", "history"),
+    n_shots: int = 5,
+    n_options: tuple[int, int] = (4, 10),
+    pad_prob: float = 0.3,
+    seed: int = 0,
+) -> tuple[list[dict], list[dict]]:
     """(test rows, validation rows) in the MMLU-Pro schema, for tests and benches (no hub needed).
 
     "what is a plus b ?" with `n_options` (min, max) numeric options, some padded to 10 with "N/A"
@@ -151,8 +169,16 @@ def synthetic_rows(n_per_category: int = 6, *, categories: Sequence[str] = ("mat
                 letter = LETTERS[idx]
                 pad = ["N/A"] * (10 - k) if rnd.random() < pad_prob else []
                 cot = f"A: Let's think step by step. {a} plus {b} is {a + b}. The answer is ({letter})."
-                row = dict(question_id=qid, question=f"what is {a} plus {b} ?", options=opts + pad, answer=letter,
-                           answer_index=idx, category=cat, src=f"toy-{cat}", cot_content=cot)
+                row = dict(
+                    question_id=qid,
+                    question=f"what is {a} plus {b} ?",
+                    options=opts + pad,
+                    answer=letter,
+                    answer_index=idx,
+                    category=cat,
+                    src=f"toy-{cat}",
+                    cot_content=cot,
+                )
                 (val if split == "validation" else test).append(row)
                 qid += 1
     return test, val
@@ -160,9 +186,19 @@ def synthetic_rows(n_per_category: int = 6, *, categories: Sequence[str] = ("mat
 
 def question_rows(questions: Sequence[Question]) -> list[dict]:
     """Questions back to dataset rows (the schema lighteval reads from a local dir)."""
-    return [dict(question_id=q.question_id, question=q.question, options=list(q.options), answer=q.answer,
-                 answer_index=q.answer_index, cot_content=q.cot_content, category=q.category, src="")
-            for q in questions]
+    return [
+        dict(
+            question_id=q.question_id,
+            question=q.question,
+            options=list(q.options),
+            answer=q.answer,
+            answer_index=q.answer_index,
+            cot_content=q.cot_content,
+            category=q.category,
+            src="",
+        )
+        for q in questions
+    ]
 
 
 # ---- prompts --------------------------------------------------------------------------------
@@ -233,8 +269,14 @@ class TaskResult:
     stages: list[str] | None = None  # routed variants: the stage each question went to
 
     def summary(self) -> dict:
-        return summarize(self.questions, self.preds) | {"seconds": round(self.seconds, 3),
-                                                        "questions_per_s": round(len(self.questions) / max(self.seconds, 1e-9), 3)} | self.extra
+        return (
+            summarize(self.questions, self.preds)
+            | {
+                "seconds": round(self.seconds, 3),
+                "questions_per_s": round(len(self.questions) / max(self.seconds, 1e-9), 3),
+            }
+            | self.extra
+        )
 
     @property
     def correct(self) -> list[bool]:
@@ -242,8 +284,10 @@ class TaskResult:
         return [p == q.answer for q, p in zip(self.questions, self.preds)]
 
     def samples(self) -> list[dict]:
-        rows = [dict(question_id=q.question_id, category=q.category, answer=q.answer, pred=p, output=o)
-                for q, p, o in zip(self.questions, self.preds, self.outputs)]
+        rows = [
+            dict(question_id=q.question_id, category=q.category, answer=q.answer, pred=p, output=o)
+            for q, p, o in zip(self.questions, self.preds, self.outputs)
+        ]
         for r, s in zip(rows, self.stages or []):
             r["stage"] = s
         return rows
@@ -262,8 +306,10 @@ def summarize(questions: Sequence[Question], preds: Sequence[str | None]) -> dic
         "acc": sum(c["correct"] for c in per.values()) / n if n else float("nan"),
         "n": n,
         "n_unparsed": sum(c["n_unparsed"] for c in per.values()),
-        "per_category": {k: {"acc": c["correct"] / c["n"], "n": c["n"], "n_unparsed": c["n_unparsed"]}
-                         for k, c in sorted(per.items())},
+        "per_category": {
+            k: {"acc": c["correct"] / c["n"], "n": c["n"], "n_unparsed": c["n_unparsed"]}
+            for k, c in sorted(per.items())
+        },
     }
 
 
@@ -271,20 +317,28 @@ def _argmax(xs: Sequence[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))  # first of equal maxima, as numpy.argmax
 
 
-def score_loglik(model, tok, questions: Sequence[Question], shots=None, k: int = 0, batch_size: int = 8,
-                 progress: bool = True) -> TaskResult:
+def score_loglik(
+    model, tok, questions: Sequence[Question], shots=None, k: int = 0, batch_size: int = 8, progress: bool = True
+) -> TaskResult:
     from helpers.eval.engine import score_choices
 
     t = time.perf_counter()
     reqs = [(loglik_prompt(q, shots, k), loglik_choices(q)) for q in questions]
     lps = score_choices(model, tok, reqs, batch_size=batch_size, progress=progress, desc="loglik")
     preds = [q.letters[_argmax(lp)] for q, lp in zip(questions, lps)]
-    return TaskResult("mmlu_pro_loglik", list(questions), preds, [[round(x, 5) for x in lp] for lp in lps],
-                      time.perf_counter() - t, {"mode": "loglik", "n_shots": k})
+    return TaskResult(
+        "mmlu_pro_loglik",
+        list(questions),
+        preds,
+        [[round(x, 5) for x in lp] for lp in lps],
+        time.perf_counter() - t,
+        {"mode": "loglik", "n_shots": k},
+    )
 
 
-def score_cloze(model, tok, questions: Sequence[Question], batch_size: int = 8, progress: bool = True
-                ) -> list[TaskResult]:
+def score_cloze(
+    model, tok, questions: Sequence[Question], batch_size: int = 8, progress: bool = True
+) -> list[TaskResult]:
     """Two tasks from one pass: raw log-likelihood and per-character normalised."""
     from helpers.eval.engine import score_choices
 
@@ -296,13 +350,22 @@ def score_cloze(model, tok, questions: Sequence[Question], batch_size: int = 8, 
     norm_scores = [[x / len(c) for x, c in zip(lp, cloze_choices(q))] for q, lp in zip(questions, lps)]
     norm = [q.letters[_argmax(s)] for q, s in zip(questions, norm_scores)]
     outs = [[round(x, 5) for x in lp] for lp in lps]
-    return [TaskResult("mmlu_pro_cloze", list(questions), raw, outs, dt, {"mode": "cloze", "normalisation": "none"}),
-            TaskResult("mmlu_pro_cloze_norm", list(questions), norm, outs, dt,
-                       {"mode": "cloze", "normalisation": "per character of the option"})]
+    return [
+        TaskResult("mmlu_pro_cloze", list(questions), raw, outs, dt, {"mode": "cloze", "normalisation": "none"}),
+        TaskResult(
+            "mmlu_pro_cloze_norm",
+            list(questions),
+            norm,
+            outs,
+            dt,
+            {"mode": "cloze", "normalisation": "per character of the option"},
+        ),
+    ]
 
 
-def cloze_correct(model, tok, questions: Sequence[Question], batch_size: int = 8, normalised: bool = False,
-                  progress: bool = True):
+def cloze_correct(
+    model, tok, questions: Sequence[Question], batch_size: int = 8, normalised: bool = False, progress: bool = True
+):
     """[N] bool array: is each question's most likely option (cloze, raw or per-character) its answer."""
     import numpy as np
 
@@ -319,21 +382,42 @@ def fit_shots(q: Question, shots, k: int, tok, budget: int | None) -> tuple[str,
         k -= 1
 
 
-def score_cot(model, tok, questions: Sequence[Question], shots, k: int = 5, max_new_tokens: int = 256,
-              batch_size: int = 4, max_length: int | None = None, progress: bool = True) -> TaskResult:
+def score_cot(
+    model,
+    tok,
+    questions: Sequence[Question],
+    shots,
+    k: int = 5,
+    max_new_tokens: int = 256,
+    batch_size: int = 4,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> TaskResult:
     from helpers.eval.engine import generate, model_max_length
 
     t = time.perf_counter()
     max_length = max_length or model_max_length(model)
     budget = None if max_length is None else max_length - max_new_tokens
     fitted = [fit_shots(q, shots, k, tok, budget) for q in questions]
-    texts = generate(model, tok, [p for p, _ in fitted], max_new_tokens=max_new_tokens, stop=COT_STOP,
-                     batch_size=batch_size, progress=progress)
+    texts = generate(
+        model,
+        tok,
+        [p for p, _ in fitted],
+        max_new_tokens=max_new_tokens,
+        stop=COT_STOP,
+        batch_size=batch_size,
+        progress=progress,
+    )
     preds = [extract_answer(x) for x in texts]
     shots_used = Counter(k_used for _, k_used in fitted)
-    return TaskResult("mmlu_pro_cot", list(questions), preds, texts, time.perf_counter() - t,
-                      {"mode": "cot", "n_shots": k, "shots_used": dict(sorted(shots_used.items())),
-                       "max_new_tokens": max_new_tokens})
+    return TaskResult(
+        "mmlu_pro_cot",
+        list(questions),
+        preds,
+        texts,
+        time.perf_counter() - t,
+        {"mode": "cot", "n_shots": k, "shots_used": dict(sorted(shots_used.items())), "max_new_tokens": max_new_tokens},
+    )
 
 
 def evaluate(model, tok, questions: Sequence[Question], shots=None, mode: str = "cloze", **kw) -> list[TaskResult]:
@@ -347,15 +431,24 @@ def evaluate(model, tok, questions: Sequence[Question], shots=None, mode: str = 
     raise ValueError(f"--mode {mode!r}: expected one of {MODES}")
 
 
-def route_and_score(stage_models: dict, tok, questions: Sequence[Question], stage_of: dict | Callable,
-                    mode: str = "cloze", shots=None, **kw) -> list[TaskResult]:
+def route_and_score(
+    stage_models: dict,
+    tok,
+    questions: Sequence[Question],
+    stage_of: dict | Callable,
+    mode: str = "cloze",
+    shots=None,
+    **kw,
+) -> list[TaskResult]:
     """Score each question with the model of the stage chosen for it (a routed variant).
 
     `stage_of` is {question_id: stage} or a callable (list of questions -> list of stages), e.g. the
     entropy router of helpers/routing.py. Results carry the stage mix overall and per category.
     """
-    stages = [str(s) for s in (stage_of(list(questions)) if callable(stage_of) else
-                                [stage_of[q.question_id] for q in questions])]
+    stages = [
+        str(s)
+        for s in (stage_of(list(questions)) if callable(stage_of) else [stage_of[q.question_id] for q in questions])
+    ]
     unknown = sorted(set(stages) - set(stage_models))
     if unknown:
         raise KeyError(f"router chose stages {unknown}; models exist for {sorted(stage_models)}")
@@ -363,8 +456,10 @@ def route_and_score(stage_models: dict, tok, questions: Sequence[Question], stag
     for stage in sorted(set(stages)):
         idx = [i for i, s in enumerate(stages) if s == stage]
         for r in evaluate(stage_models[stage], tok, [questions[i] for i in idx], shots, mode=mode, **kw):
-            m = merged.setdefault(r.task, {"preds": [None] * len(questions), "outs": [None] * len(questions),
-                                           "seconds": 0.0, "extra": r.extra})
+            m = merged.setdefault(
+                r.task,
+                {"preds": [None] * len(questions), "outs": [None] * len(questions), "seconds": 0.0, "extra": r.extra},
+            )
             for j, i in enumerate(idx):
                 m["preds"][i], m["outs"][i] = r.preds[j], r.outputs[j]
             m["seconds"] += r.seconds
@@ -372,6 +467,11 @@ def route_and_score(stage_models: dict, tok, questions: Sequence[Question], stag
     per_cat: dict[str, Counter] = defaultdict(Counter)
     for q, s in zip(questions, stages):
         per_cat[q.category][s] += 1
-    extra = {"stage_mix": mix, "stage_mix_per_category": {c: dict(sorted(v.items())) for c, v in sorted(per_cat.items())}}
-    return [TaskResult(task, list(questions), m["preds"], m["outs"], m["seconds"], m["extra"] | extra, stages)
-            for task, m in merged.items()]
+    extra = {
+        "stage_mix": mix,
+        "stage_mix_per_category": {c: dict(sorted(v.items())) for c, v in sorted(per_cat.items())},
+    }
+    return [
+        TaskResult(task, list(questions), m["preds"], m["outs"], m["seconds"], m["extra"] | extra, stages)
+        for task, m in merged.items()
+    ]

@@ -13,12 +13,12 @@ Usage: `write_results("eval_results/toy/base", config_block(model_dir, "base"), 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
-from helpers.fsutil import read_json, write_json, write_jsonl, write_text
-from helpers.manifest import git_sha, versions
+from helpers.core.fsutil import read_json, write_json, write_jsonl, write_text
+from helpers.core.manifest import git_sha, versions
 
 RESULTS = "results.json"
 SAMPLES = "samples"
@@ -27,7 +27,7 @@ SAMPLES = "samples"
 def checkpoint_stats(paths: Sequence) -> tuple[int | None, int | None]:
     """(parameters, bytes) of every *.safetensors file under the given dirs (checkpoints, bundle dirs),
     read from the file headers only; (None, None) if a path is not on disk."""
-    from helpers.checkpoint import read_header
+    from helpers.core.checkpoint import read_header
 
     params = size = 0
     for p in paths:
@@ -46,15 +46,20 @@ def checkpoint_stats(paths: Sequence) -> tuple[int | None, int | None]:
     return params, size
 
 
-def config_block(model, variant: str, *, parent_manifest=None, dtype: str | None = None,
-                 weights: Sequence | None = None, **extra) -> dict:
+def config_block(
+    model, variant: str, *, parent_manifest=None, dtype: str | None = None, weights: Sequence | None = None, **extra
+) -> dict:
     """The config part of results.json; `weights` lists the dirs whose bytes make the variant (default: model)."""
     params, size = checkpoint_stats(weights or [model])
     return {
-        "model": str(model), "variant": variant,
+        "model": str(model),
+        "variant": variant,
         "parent_manifest": str(parent_manifest) if parent_manifest else None,
-        "dtype": dtype, "params": params, "bytes_on_disk": size,
-        "versions": versions(), "git_sha": git_sha(),
+        "dtype": dtype,
+        "params": params,
+        "bytes_on_disk": size,
+        "versions": versions(),
+        "git_sha": git_sha(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
@@ -69,8 +74,9 @@ def parent_manifest_of(model_dir) -> Path | None:
     return None
 
 
-def write_results(out_dir, config: dict, task_results: Sequence = (), speed: dict | None = None,
-                  overwrite: bool = False) -> Path:
+def write_results(
+    out_dir, config: dict, task_results: Sequence = (), speed: dict | None = None, overwrite: bool = False
+) -> Path:
     """Merge tasks (mmlu_pro.TaskResult) and speed into `<out_dir>/results.json`; samples beside it.
 
     An existing results.json of ANOTHER model in the same dir is refused unless `overwrite`.
@@ -80,8 +86,9 @@ def write_results(out_dir, config: dict, task_results: Sequence = (), speed: dic
     doc = read_json(path) if path.exists() else {"config": {}, "results": {}, "speed": {}}
     old = doc.get("config", {}).get("model")
     if old and old != config["model"] and not overwrite:
-        raise FileExistsError(f"{path} holds results of model {old}, not {config['model']}; "
-                              f"use another --out or overwrite")
+        raise FileExistsError(
+            f"{path} holds results of model {old}, not {config['model']}; use another --out or overwrite"
+        )
     doc["config"] = {**doc.get("config", {}), **config}
     for r in task_results:
         write_jsonl(out / SAMPLES / f"{r.task}.jsonl", r.samples())
@@ -113,14 +120,24 @@ def tables(root):
         cfg = doc.get("config", {})
         base = {"variant": variant, "params": cfg.get("params"), "bytes_on_disk": cfg.get("bytes_on_disk")}
         for task, r in doc.get("results", {}).items():
-            acc.append(base | {"task": task, "acc": r["acc"], "n": r["n"], "n_unparsed": r.get("n_unparsed", 0),
-                               "stage_mix": r.get("stage_mix")})
+            acc.append(
+                base
+                | {
+                    "task": task,
+                    "acc": r["acc"],
+                    "n": r["n"],
+                    "n_unparsed": r.get("n_unparsed", 0),
+                    "stage_mix": r.get("stage_mix"),
+                }
+            )
             for c, v in r.get("per_category", {}).items():
                 cats.append(base | {"task": task, "category": c, "acc": v["acc"], "n": v["n"]})
         if doc.get("speed"):
             s = doc["speed"]
-            speed.append(base | {k: s.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_memory_bytes",
-                                                         "memory_kind", "device")})
+            speed.append(
+                base
+                | {k: s.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_memory_bytes", "memory_kind", "device")}
+            )
     return pd.DataFrame(acc), pd.DataFrame(cats), pd.DataFrame(speed)
 
 
@@ -137,9 +154,12 @@ def stage_mix_table(root):
     """Long table (variant, task, stage, share) of every routed task's stage mix under `root`."""
     import pandas as pd
 
-    rows = [{"variant": v, "task": t, "stage": s, "share": n / sum(r["stage_mix"].values())}
-            for v, doc in load_all(root).items() for t, r in doc.get("results", {}).items()
-            for s, n in (r.get("stage_mix") or {}).items()]
+    rows = [
+        {"variant": v, "task": t, "stage": s, "share": n / sum(r["stage_mix"].values())}
+        for v, doc in load_all(root).items()
+        for t, r in doc.get("results", {}).items()
+        for s, n in (r.get("stage_mix") or {}).items()
+    ]
     return pd.DataFrame(rows, columns=["variant", "task", "stage", "share"])
 
 
@@ -177,12 +197,14 @@ def markdown_table(df) -> str:
     """A DataFrame as a GitHub markdown table (no tabulate dependency)."""
     head = [str(c) for c in df.columns]
     rows = [[_cell(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
 
 
-def summary_markdown(root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
-                     ) -> str:
+def summary_markdown(
+    root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
+) -> str:
     """summary.md: accuracy per variant and task, parameters, size, speed; notes (e.g. skipped variants)."""
     import pandas as pd
 
@@ -200,8 +222,12 @@ def summary_markdown(root, title: str | None = None, notes: Sequence[str] = (), 
         table = pd.concat([meta, n, wide.round(4)], axis=1)
         if not speed.empty:
             table = table.join(speed.set_index("variant")[["prefill_tok_s", "decode_tok_s", "peak_memory_bytes"]])
-        lines += ["Accuracy (micro average over questions) per variant and task; speed from one prompt batch.", "",
-                  markdown_table(table.reset_index()), ""]
+        lines += [
+            "Accuracy (micro average over questions) per variant and task; speed from one prompt batch.",
+            "",
+            markdown_table(table.reset_index()),
+            "",
+        ]
         unparsed = acc[acc["n_unparsed"] > 0]
         if not unparsed.empty:
             lines += ["Unparsed CoT replies (counted wrong, never guessed):", ""]
@@ -217,6 +243,7 @@ def summary_markdown(root, title: str | None = None, notes: Sequence[str] = (), 
     return "\n".join(lines)
 
 
-def write_summary(root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
-                  ) -> Path:
+def write_summary(
+    root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
+) -> Path:
     return write_text(Path(root) / "summary.md", summary_markdown(root, title, notes, order))

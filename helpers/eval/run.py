@@ -6,14 +6,15 @@ Usage: `evaluate_dir("runs/toy/world/mistral", "eval_results/toy/mistral_base", 
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from helpers.core.models import default_device, default_dtype, load_model
+from helpers.core.models import model_dir as checked_dir
 from helpers.eval import mmlu_pro, results
-from helpers.verify import default_device, default_dtype, load_model, model_dir as checked_dir
 
 
 @dataclass(frozen=True)
@@ -40,28 +41,54 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def score_tasks(model, tok, questions, shots, plan: Plan, tokenizer_dir=None, out_dir=None, name=None,
-                progress: bool = True) -> list:
+def score_tasks(
+    model, tok, questions, shots, plan: Plan, tokenizer_dir=None, out_dir=None, name=None, progress: bool = True
+) -> list:
     """Every task of `plan` on one in-memory model (LightEval needs `tokenizer_dir` and `out_dir`)."""
     tasks = []
     for mode in plan.modes:
         if mode == "cot":
-            tasks += mmlu_pro.evaluate(model, tok, mmlu_pro.take(questions, plan.cot_limit), shots, mode="cot",
-                                       k=plan.cot_shots, max_new_tokens=plan.max_new_tokens,
-                                       batch_size=plan.batch_size, progress=progress)
+            tasks += mmlu_pro.evaluate(
+                model,
+                tok,
+                mmlu_pro.take(questions, plan.cot_limit),
+                shots,
+                mode="cot",
+                k=plan.cot_shots,
+                max_new_tokens=plan.max_new_tokens,
+                batch_size=plan.batch_size,
+                progress=progress,
+            )
         else:
             kw = {"k": plan.loglik_shots} if mode == "loglik" else {}
-            tasks += mmlu_pro.evaluate(model, tok, mmlu_pro.take(questions, plan.limit), shots, mode=mode,
-                                       batch_size=plan.batch_size, progress=progress, **kw)
+            tasks += mmlu_pro.evaluate(
+                model,
+                tok,
+                mmlu_pro.take(questions, plan.limit),
+                shots,
+                mode=mode,
+                batch_size=plan.batch_size,
+                progress=progress,
+                **kw,
+            )
     if plan.lighteval_modes:
         from helpers.eval.lighteval_run import run_lighteval
 
         if tokenizer_dir is None or out_dir is None:
             raise ValueError("lighteval needs the tokenizer dir and an output dir")
-        tasks += run_lighteval(model, mmlu_pro.take(questions, plan.lighteval_limit), shots, out_dir,
-                               modes=plan.lighteval_modes, tokenizer=tokenizer_dir, batch_size=plan.batch_size,
-                               loglik_shots=plan.loglik_shots, cot_shots=plan.cot_shots,
-                               max_new_tokens=plan.max_new_tokens, name=name)
+        tasks += run_lighteval(
+            model,
+            mmlu_pro.take(questions, plan.lighteval_limit),
+            shots,
+            out_dir,
+            modes=plan.lighteval_modes,
+            tokenizer=tokenizer_dir,
+            batch_size=plan.batch_size,
+            loglik_shots=plan.loglik_shots,
+            cot_shots=plan.cot_shots,
+            max_new_tokens=plan.max_new_tokens,
+            name=name,
+        )
     return tasks
 
 
@@ -71,8 +98,18 @@ def speed_of(model, plan: Plan) -> dict | None:
     return measure_speed(model, plan.speed_prompt_tokens, plan.speed_new_tokens) if plan.speed else None
 
 
-def evaluate_dir(model_dir, out_dir, plan: Plan = Plan(), *, data=None, variant: str | None = None,
-                 dtype: str | None = None, parent_manifest=None, progress: bool = True, loaded=None) -> Path:
+def evaluate_dir(
+    model_dir,
+    out_dir,
+    plan: Plan = Plan(),
+    *,
+    data=None,
+    variant: str | None = None,
+    dtype: str | None = None,
+    parent_manifest=None,
+    progress: bool = True,
+    loaded=None,
+) -> Path:
     """Score one checkpoint (dir or hub id) per `plan` and merge the tasks into `<out_dir>/results.json`.
 
     `loaded`: `mmlu_pro.load(data)` already done by the caller (questions, shots), so that several
@@ -85,9 +122,14 @@ def evaluate_dir(model_dir, out_dir, plan: Plan = Plan(), *, data=None, variant:
         raise ValueError("lighteval with --dtype 4bit: not offered here; use bfloat16")
     questions, shots = loaded or mmlu_pro.load(data)
     variant = variant or Path(out_dir).name
-    cfg = results.config_block(model_dir, variant, dtype=dtype, data=str(data or mmlu_pro.HUB_ID),
-                               parent_manifest=parent_manifest or results.parent_manifest_of(model_dir),
-                               plan=asdict(plan))
+    cfg = results.config_block(
+        model_dir,
+        variant,
+        dtype=dtype,
+        data=str(data or mmlu_pro.HUB_ID),
+        parent_manifest=parent_manifest or results.parent_manifest_of(model_dir),
+        plan=asdict(plan),
+    )
     model, tok = load_model(model_dir, dtype, device)
     tasks = score_tasks(model, tok, questions, shots, plan, model_dir, out_dir, variant, progress)
     path = results.write_results(out_dir, cfg, tasks, speed_of(model, plan))
@@ -98,7 +140,9 @@ def evaluate_dir(model_dir, out_dir, plan: Plan = Plan(), *, data=None, variant:
 
 def cli_evaluate(args) -> int:
     if args.bench == "lighteval" and args.mode == "cloze":
-        raise ValueError("--bench lighteval --mode cloze: lighteval runs loglik and cot here; use --bench mmlu-pro for cloze")
+        raise ValueError(
+            "--bench lighteval --mode cloze: lighteval runs loglik and cot here; use --bench mmlu-pro for cloze"
+        )
     common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     if args.bench == "lighteval":
         plan = Plan(modes=(), lighteval_modes=(args.mode,), lighteval_limit=args.limit, **common)

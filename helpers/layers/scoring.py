@@ -8,18 +8,18 @@ Usage: `stage_scoring.model_report({"A": a, "FULL": full}, tok, texts, mmlu_pro.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from helpers.core.models import model_device
 from helpers.eval import mmlu_pro
-from helpers.eval.engine import model_device
-from helpers.layers import ensure_pad, positions
-from helpers.routing import STAGES, n_layers
+from helpers.layers.drop import ensure_pad, positions
+from helpers.layers.routing import STAGES, n_layers
 
 
 def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,9 @@ def mean_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_le
     ensure_pad(tokenizer)
     total, count = 0.0, 0
     for s in tqdm(range(0, len(texts), batch_size), desc="loss", leave=False):
-        enc = tokenizer(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
+        enc = tokenizer(
+            list(texts[s : s + batch_size]), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
         logits = forward_logits(model, enc["input_ids"], enc["attention_mask"])[:, :-1].float()  # [B, T-1, V]
         tgt = enc["input_ids"][:, 1:].to(logits.device)
         m = enc["attention_mask"][:, 1:].to(logits.device) * enc["attention_mask"][:, :-1].to(logits.device)
@@ -63,22 +64,35 @@ def stage_table(stages: dict, tokenizer, texts: Sequence[str], base=None) -> pd.
     return pd.DataFrame(rows)
 
 
-def model_report(models: dict, tokenizer, texts: Sequence[str], questions: Sequence[mmlu_pro.Question], *,
-                 batch_size: int = 16, dtype=torch.float32, device=None, cloze: dict | None = None) -> pd.DataFrame:
+def model_report(
+    models: dict,
+    tokenizer,
+    texts: Sequence[str],
+    questions: Sequence[mmlu_pro.Question],
+    *,
+    batch_size: int = 16,
+    dtype=torch.float32,
+    device=None,
+    cloze: dict | None = None,
+) -> pd.DataFrame:
     """Per named model (in memory, or a checkpoint dir loaded one at a time): held-out loss and cloze accuracy.
 
     `cloze` {name: per-question correctness on `questions`} reuses flags already scored (e.g. the
     stages' in notebook 05) instead of scoring those models again.
     """
-    from helpers.verify import load_check
+    from helpers.core.models import load_check
 
     cloze = cloze or {}
     rows = []
     for name, m in models.items():
-        model = load_check(m, dtype=dtype, **({"device_map": str(device)} if device else {})).eval() \
-            if isinstance(m, (str, Path)) else m
+        model = (
+            load_check(m, dtype=dtype, **({"device_map": str(device)} if device else {})).eval()
+            if isinstance(m, (str, Path))
+            else m
+        )
         correct = cloze[name] if name in cloze else mmlu_pro.cloze_correct(model, tokenizer, questions, batch_size)
-        rows.append({"model": name, "loss": mean_nll(model, tokenizer, texts, batch_size),
-                     "cloze_acc": float(np.mean(correct))})
+        rows.append(
+            {"model": name, "loss": mean_nll(model, tokenizer, texts, batch_size), "cloze_acc": float(np.mean(correct))}
+        )
         del model  # a loaded checkpoint is freed before the next one loads
     return pd.DataFrame(rows)

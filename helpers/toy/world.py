@@ -28,33 +28,54 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from helpers import toy_tasks as tasks
+from helpers.core.data import load_texts
+from helpers.core.fsutil import atomic_dir, read_json, write_jsonl
+from helpers.core.manifest import FILENAME, Manifest
 from helpers.eval import mmlu_pro
-from helpers.data import load_texts
-from helpers.fsutil import atomic_dir, read_json, write_jsonl
-from helpers.manifest import FILENAME, Manifest
-from helpers.toy_train import BASE_CONFIG, dense_twin, encode_pairs, model_config, pretrain, save_model, upcycle
+from helpers.toy import tasks
+from helpers.toy.train import BASE_CONFIG, dense_twin, encode_pairs, model_config, pretrain, save_model, upcycle
 
 SPEC_VERSION = 1  # bump when generators or training change what a seed builds
 FULL = {
     "version": SPEC_VERSION,
-    "data": {"test": 100, "validation": 5, "train": 1500, "finetune": 600, "finetune_eval": 40, "calib": 48,
-             "n_countries": 100, "finetune_categories": ["addition", "sequences"]},
+    "data": {
+        "test": 100,
+        "validation": 5,
+        "train": 1500,
+        "finetune": 600,
+        "finetune_eval": 40,
+        "calib": 48,
+        "n_countries": 100,
+        "finetune_categories": ["addition", "sequences"],
+    },
     "tokenizer": {"vocab_size": 768},
     # a fifth of the training rows in the chat format (notebook 01 fine-tunes through the chat template);
     # question tokens weigh a quarter of answer tokens in the loss
     "pretrain": {"chat_fraction": 0.2, "question_weight": 0.25},
-    "mistral": {"config": {"num_hidden_layers": 16, "hidden_size": 64, "intermediate_size": 192},
-                "train": {"steps": 900, "batch": 32, "lr": 3e-3}, "n_shards": 4},
-    "mixtral": {"config": {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 96,
-                           "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
-                "dense_train": {"steps": 600, "batch": 32, "lr": 3e-3}, "upcycle_noise": 0.05,
-                "train": {"steps": 800, "batch": 32, "lr": 2e-3}, "n_shards": 4},
+    "mistral": {
+        "config": {"num_hidden_layers": 16, "hidden_size": 64, "intermediate_size": 192},
+        "train": {"steps": 900, "batch": 32, "lr": 3e-3},
+        "n_shards": 4,
+    },
+    "mixtral": {
+        "config": {
+            "num_hidden_layers": 4,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "router_aux_loss_coef": 0.02,
+        },
+        "dense_train": {"steps": 600, "batch": 32, "lr": 3e-3},
+        "upcycle_noise": 0.05,
+        "train": {"steps": 800, "batch": 32, "lr": 2e-3},
+        "n_shards": 4,
+    },
     "eval_batch": 64,
     # CoT generates: a few questions per category and a short budget (tiny models reply with no letter)
     "eval_cot": {"per_category": 5, "shots": 5, "max_new_tokens": 64, "batch": 8},
@@ -63,8 +84,11 @@ QUICK = {
     "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
     "tokenizer": {"vocab_size": 400},
     "mistral": {"config": {"hidden_size": 32, "intermediate_size": 48}, "train": {"steps": 6, "batch": 8}},
-    "mixtral": {"config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
-                "dense_train": {"steps": 4, "batch": 8}, "train": {"steps": 6, "batch": 8}},
+    "mixtral": {
+        "config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 24},
+        "dense_train": {"steps": 4, "batch": 8},
+        "train": {"steps": 6, "batch": 8},
+    },
     "eval_cot": {"per_category": 1, "max_new_tokens": 8},
 }
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -72,8 +96,10 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<s>[INST] {{ m['content'] }} [/INST]"
     "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
 )
-HEADER = ("The following are multiple choice questions (with answers) about {}. Think step by step and then "
-          'finish your answer with "the answer is (X)" where X is the correct letter choice.')
+HEADER = (
+    "The following are multiple choice questions (with answers) about {}. Think step by step and then "
+    'finish your answer with "the answer is (X)" where X is the correct letter choice.'
+)
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -93,22 +119,35 @@ def spec_hash(spec: dict) -> str:
 
 # ---- tokenizer ----
 
+
 def train_tokenizer(texts: list[str], vocab_size: int, out=None):
     """Byte-level BPE (digits split one by one, as Mistral does), BOS added, Mistral-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", SPECIALS.index("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=BASE_CONFIG["max_position_embeddings"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIALS.index("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=BASE_CONFIG["max_position_embeddings"],
+    )
     fast.chat_template = CHAT_TEMPLATE
     if out is not None:
         fast.save_pretrained(out)
@@ -124,7 +163,7 @@ SCORINGS = {
     "cloze_norm": "the cloze log-likelihood divided by the option's length in characters",
     "loglik": "log-likelihood of ' A', ' B', ... after the question and its lettered options, 0-shot",
     "cot": "the official chain-of-thought prompt with as many of k shots as fit the context (shots_used), greedy, "
-           "answer extracted; unparsed replies count as wrong",
+    "answer extracted; unparsed replies count as wrong",
 }
 
 
@@ -132,9 +171,14 @@ def accuracy_block(result: mmlu_pro.TaskResult) -> dict:
     """One task's accuracy as the manifest keeps it: {overall, per_category, n, n_per_category, n_unparsed, ...}."""
     s = mmlu_pro.summarize(result.questions, result.preds)
     per = s["per_category"]
-    return {"overall": round(s["acc"], 4), "per_category": {c: round(v["acc"], 4) for c, v in per.items()},
-            "n": s["n"], "n_per_category": {c: v["n"] for c, v in per.items()}, "n_unparsed": s["n_unparsed"],
-            "n_unparsed_per_category": {c: v["n_unparsed"] for c, v in per.items()}}
+    return {
+        "overall": round(s["acc"], 4),
+        "per_category": {c: round(v["acc"], 4) for c, v in per.items()},
+        "n": s["n"],
+        "n_per_category": {c: v["n"] for c, v in per.items()},
+        "n_unparsed": s["n_unparsed"],
+        "n_unparsed_per_category": {c: v["n_unparsed"] for c, v in per.items()},
+    }
 
 
 def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: dict, spec: dict) -> dict[str, dict]:
@@ -147,10 +191,20 @@ def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: di
     res = mmlu_pro.evaluate(model, tok, questions, mode="cloze", batch_size=bs)
     res += mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", batch_size=bs)
     sub = mmlu_pro.take(questions, cot["per_category"] * len({q.category for q in questions}))
-    res += mmlu_pro.evaluate(model, tok, sub, shots, mode="cot", k=cot["shots"], max_new_tokens=cot["max_new_tokens"],
-                             batch_size=cot["batch"])
+    res += mmlu_pro.evaluate(
+        model,
+        tok,
+        sub,
+        shots,
+        mode="cot",
+        k=cot["shots"],
+        max_new_tokens=cot["max_new_tokens"],
+        batch_size=cot["batch"],
+    )
     out = {r.task.removeprefix("mmlu_pro_"): accuracy_block(r) for r in res}
-    out["cot"].update(n_shots=cot["shots"], shots_used=res[-1].extra["shots_used"], max_new_tokens=cot["max_new_tokens"])
+    out["cot"].update(
+        n_shots=cot["shots"], shots_used=res[-1].extra["shots_used"], max_new_tokens=cot["max_new_tokens"]
+    )
     return out
 
 
@@ -160,21 +214,28 @@ def chance(questions: Sequence[mmlu_pro.Question]) -> dict:
     for q in questions:
         per.setdefault(q.category, []).append(1 / len(q.options))
     allv = [v for vs in per.values() for v in vs]
-    return {"overall": round(sum(allv) / len(allv), 4), "per_category": {c: round(sum(v) / len(v), 4) for c, v in per.items()}}
+    return {
+        "overall": round(sum(allv) / len(allv), 4),
+        "per_category": {c: round(sum(v) / len(v), 4) for c, v in per.items()},
+    }
 
 
 def headroom(acc: dict, ch: dict) -> dict:
     """The world's accuracy targets for one model: >= 2x chance overall, < 90% overall, and the
     categories between 2x chance and 80% (where pruning damage and healing can show)."""
     mid = [c for c, a in acc["per_category"].items() if 2 * ch["per_category"][c] <= a <= 0.8]
-    return {"above_2x_chance": acc["overall"] >= 2 * ch["overall"], "below_90": acc["overall"] < 0.9,
-            "headroom_categories": mid, "ok": acc["overall"] >= 2 * ch["overall"] and acc["overall"] < 0.9 and len(mid) >= 2}
+    return {
+        "above_2x_chance": acc["overall"] >= 2 * ch["overall"],
+        "below_90": acc["overall"] < 0.9,
+        "headroom_categories": mid,
+        "ok": acc["overall"] >= 2 * ch["overall"] and acc["overall"] < 0.9 and len(mid) >= 2,
+    }
 
 
 def expert_stats(model_dir, model, tok, texts: list[str]) -> dict:
     """Spread of the experts: helpers.expert_scores' relative pairwise distances (off the diagonal,
     from the checkpoint) and router top-k frequency on `texts` as a share of routing slots (rows sum to 1)."""
-    from helpers.expert_scores import expert_distances, router_stats
+    from helpers.experts import expert_distances, router_stats
 
     rel = expert_distances(model_dir, relative=True)
     E, k = model.config.num_local_experts, model.config.num_experts_per_tok
@@ -182,21 +243,31 @@ def expert_stats(model_dir, model, tok, texts: list[str]) -> dict:
     dists = torch.stack([torch.tensor(rel[l])[off] for l in sorted(rel, key=int)])  # [L, E*(E-1)]
     routing = router_stats(model, tok, texts, batch_size=32)
     f = torch.tensor(routing["frequency"]) / k  # [L, E]
-    return {"pairwise_rel_distance": {"min": round(dists.min().item(), 4), "mean": round(dists.mean().item(), 4),
-                                      "max": round(dists.max().item(), 4),
-                                      "per_layer_mean": [round(x, 4) for x in dists.mean(1).tolist()]},
-            "router_frequency": [[round(x, 4) for x in row] for row in f.tolist()],
-            "router_frequency_spread": {"min": round(f.min().item(), 4), "max": round(f.max().item(), 4),
-                                        "std_per_layer": [round(x, 4) for x in f.std(1).tolist()],
-                                        "uniform": round(1 / E, 4)},
-            "router_tokens": routing["n_tokens"]}
+    return {
+        "pairwise_rel_distance": {
+            "min": round(dists.min().item(), 4),
+            "mean": round(dists.mean().item(), 4),
+            "max": round(dists.max().item(), 4),
+            "per_layer_mean": [round(x, 4) for x in dists.mean(1).tolist()],
+        },
+        "router_frequency": [[round(x, 4) for x in row] for row in f.tolist()],
+        "router_frequency_spread": {
+            "min": round(f.min().item(), 4),
+            "max": round(f.max().item(), 4),
+            "std_per_layer": [round(x, 4) for x in f.std(1).tolist()],
+            "uniform": round(1 / E, 4),
+        },
+        "router_tokens": routing["n_tokens"],
+    }
 
 
 # ---- the build ----
 
+
 def _sft_row(r: dict) -> dict:
-    return {"messages": [{"role": "user", "content": r["question"]},
-                         {"role": "assistant", "content": tasks.answer_text(r)}]}
+    return {
+        "messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": tasks.answer_text(r)}]
+    }
 
 
 def cached(out, spec: dict, seed: int) -> bool:
@@ -212,10 +283,13 @@ def cached(out, spec: dict, seed: int) -> bool:
 def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
     """Parquet splits, finetune and calib jsonl under `root`; returns the rows by split."""
     d = spec["data"]
-    splits = tasks.make_splits(seed, {"test": d["test"], "validation": d["validation"], "train": d["train"]},
-                               n_countries=d["n_countries"],
-                               extra={"finetune": d["finetune"], "calib": d["calib"]},
-                               held_extra={"finetune_eval": d["finetune_eval"]})
+    splits = tasks.make_splits(
+        seed,
+        {"test": d["test"], "validation": d["validation"], "train": d["train"]},
+        n_countries=d["n_countries"],
+        extra={"finetune": d["finetune"], "calib": d["calib"]},
+        held_extra={"finetune_eval": d["finetune_eval"]},
+    )
     for s in ("test", "validation", "train"):
         tasks.write_parquet(splits[s], root / "mmlu_pro" / "data" / f"{s}-00000-of-00001.parquet")
     ft = set(d["finetune_categories"])
@@ -225,10 +299,16 @@ def write_data(root: Path, spec: dict, seed: int) -> dict[str, list[dict]]:
         random.Random(f"toy-{name}-{seed}").shuffle(rows)
         return rows
 
-    write_jsonl(root / "finetune" / "train.jsonl", [_sft_row(r) for r in mixed("finetune", lambda r: r["category"] in ft)])
-    write_jsonl(root / "finetune" / "eval.jsonl", [_sft_row(r) for r in mixed("finetune_eval", lambda r: r["category"] in ft)])
-    write_jsonl(root / "calib" / "calib.jsonl",
-                [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in mixed("calib")])
+    write_jsonl(
+        root / "finetune" / "train.jsonl", [_sft_row(r) for r in mixed("finetune", lambda r: r["category"] in ft)]
+    )
+    write_jsonl(
+        root / "finetune" / "eval.jsonl", [_sft_row(r) for r in mixed("finetune_eval", lambda r: r["category"] in ft)]
+    )
+    write_jsonl(
+        root / "calib" / "calib.jsonl",
+        [{"text": tasks.qa_text(r["question"], tasks.answer_text(r))} for r in mixed("calib")],
+    )
     return splits
 
 
@@ -236,8 +316,10 @@ def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
     """Everything the models and notebooks will show the tokenizer: QA, chat and CoT prompt text."""
     texts = [tasks.qa_text(r["question"], tasks.answer_text(r)) for r in splits["train"]]
     texts += [tasks.chat_prompt(r["question"]) + " " + tasks.answer_text(r) + "</s>" for r in splits["train"][::5]]
-    texts += [r["cot_content"] + " Options: " + " ".join(f"{tasks.LETTERS[i]}. {o}" for i, o in enumerate(r["options"]))
-              for r in splits["validation"]]
+    texts += [
+        r["cot_content"] + " Options: " + " ".join(f"{tasks.LETTERS[i]}. {o}" for i, o in enumerate(r["options"]))
+        for r in splits["validation"]
+    ]
     texts += [HEADER.format(c) for c in tasks.CATEGORIES] * 20
     return texts
 
@@ -253,24 +335,42 @@ def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) ->
     info: dict = {}
     if kind == "mixtral":
         dense = AutoModelForCausalLM.from_config(dense_twin(cfg), dtype=torch.float32)
-        losses = pretrain(dense, train_seqs, seed=seed, pad_id=tok.pad_token_id, desc="pretrain mixtral (dense)",
-                          question_weight=qw, **sp["dense_train"])
+        losses = pretrain(
+            dense,
+            train_seqs,
+            seed=seed,
+            pad_id=tok.pad_token_id,
+            desc="pretrain mixtral (dense)",
+            question_weight=qw,
+            **sp["dense_train"],
+        )
         info["dense_loss_last"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
         model = upcycle(dense, cfg, sp["upcycle_noise"], seed)
         del dense
     else:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    losses = pretrain(model, train_seqs, seed=seed + 1, pad_id=tok.pad_token_id, desc=f"pretrain {kind}",
-                      question_weight=qw, **sp["train"])
-    info.update(params=sum(p.numel() for p in model.parameters()), train_s=round(time.perf_counter() - t, 1),
-                loss_first=round(sum(losses[:10]) / len(losses[:10]), 4),
-                loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 4))
+    losses = pretrain(
+        model,
+        train_seqs,
+        seed=seed + 1,
+        pad_id=tok.pad_token_id,
+        desc=f"pretrain {kind}",
+        question_weight=qw,
+        **sp["train"],
+    )
+    info.update(
+        params=sum(p.numel() for p in model.parameters()),
+        train_s=round(time.perf_counter() - t, 1),
+        loss_first=round(sum(losses[:10]) / len(losses[:10]), 4),
+        loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+    )
     save_model(model, tok, out / kind, sp["n_shards"])
     return model, info
 
 
-def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False,
-                threads: int = 1) -> Path:
+def build_world(
+    out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False, threads: int = 1
+) -> Path:
     """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`.
 
     One thread by default, measured on a shared 2-core box: these matrices are small, and when
@@ -307,10 +407,24 @@ def build_world(out="runs/toy/world", *, quick: bool = False, seed: int = 0, for
                     m.metric("experts", expert_stats(tmp / kind, model, tok, calib))
             del model
         ch = chance(questions)
-        m.metrics(accuracy=acc, scorings=SCORINGS, chance=ch, targets={k: headroom(a, ch) for k, a in acc["cloze"].items()},
-                  models=models, threads=threads, sizes={s: len(v) for s, v in splits.items()}, tokenizer_vocab=len(tok))
-        for name, rel in (("mixtral", "mixtral"), ("mistral", "mistral"), ("mmlu_pro", "mmlu_pro"),
-                          ("finetune", "finetune"), ("calib", "calib"), ("tokenizer", "tokenizer")):
+        m.metrics(
+            accuracy=acc,
+            scorings=SCORINGS,
+            chance=ch,
+            targets={k: headroom(a, ch) for k, a in acc["cloze"].items()},
+            models=models,
+            threads=threads,
+            sizes={s: len(v) for s, v in splits.items()},
+            tokenizer_vocab=len(tok),
+        )
+        for name, rel in (
+            ("mixtral", "mixtral"),
+            ("mistral", "mistral"),
+            ("mmlu_pro", "mmlu_pro"),
+            ("finetune", "finetune"),
+            ("calib", "calib"),
+            ("tokenizer", "tokenizer"),
+        ):
             m.output(name, tmp / rel)
             m.data["outputs"][name]["path"] = str(out / rel)  # where it lives once the temp dir is renamed
         m.save(tmp)
@@ -324,19 +438,29 @@ def summary(out) -> str:
     acc, ch = m["accuracy"]["cloze"], m["chance"]
     lines = [f"{'category':<14}{'chance':>8}{'mistral':>9}{'mixtral':>9}"]
     for c in ch["per_category"]:
-        lines.append(f"{c:<14}{ch['per_category'][c]:>8.2f}{acc['mistral']['per_category'][c]:>9.2f}"
-                     f"{acc['mixtral']['per_category'][c]:>9.2f}")
-    lines.append(f"{'overall':<14}{ch['overall']:>8.2f}{acc['mistral']['overall']:>9.2f}{acc['mixtral']['overall']:>9.2f}")
+        lines.append(
+            f"{c:<14}{ch['per_category'][c]:>8.2f}{acc['mistral']['per_category'][c]:>9.2f}"
+            f"{acc['mixtral']['per_category'][c]:>9.2f}"
+        )
+    lines.append(
+        f"{'overall':<14}{ch['overall']:>8.2f}{acc['mistral']['overall']:>9.2f}{acc['mixtral']['overall']:>9.2f}"
+    )
     for scoring, by_model in m["accuracy"].items():
         if scoring != "cloze":
-            lines.append(f"{scoring:<14}{'':>8}" + "".join(f"{by_model[k]['overall']:>9.2f}" for k in ("mistral", "mixtral"))
-                         + f"   (n {by_model['mistral']['n']}, unparsed "
-                         + " / ".join(str(by_model[k]["n_unparsed"]) for k in ("mistral", "mixtral")) + ")")
+            lines.append(
+                f"{scoring:<14}{'':>8}"
+                + "".join(f"{by_model[k]['overall']:>9.2f}" for k in ("mistral", "mixtral"))
+                + f"   (n {by_model['mistral']['n']}, unparsed "
+                + " / ".join(str(by_model[k]["n_unparsed"]) for k in ("mistral", "mixtral"))
+                + ")"
+            )
     if man["params"].get("quick"):
         return "\n".join(lines + ["(--quick world: barely trained; the accuracy targets apply to the full build)"])
     for kind, t in m.get("targets", {}).items():
-        lines.append(f"{kind}: {'meets' if t['ok'] else 'MISSES'} the targets (>= 2x chance, < 90%, >= 2 categories "
-                     f"between 2x chance and 80%: {', '.join(t['headroom_categories']) or 'none'})")
+        lines.append(
+            f"{kind}: {'meets' if t['ok'] else 'MISSES'} the targets (>= 2x chance, < 90%, >= 2 categories "
+            f"between 2x chance and 80%: {', '.join(t['headroom_categories']) or 'none'})"
+        )
     return "\n".join(lines)
 
 

@@ -11,19 +11,26 @@ asks each country's capital in a phrasing the train split never uses for that co
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 LETTERS = "ABCDEFGHIJ"
-SCHEMA = pa.schema([
-    ("question_id", pa.int64()), ("question", pa.string()), ("options", pa.list_(pa.string())),
-    ("answer", pa.string()), ("answer_index", pa.int64()), ("cot_content", pa.string()),
-    ("category", pa.string()), ("src", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("question_id", pa.int64()),
+        ("question", pa.string()),
+        ("options", pa.list_(pa.string())),
+        ("answer", pa.string()),
+        ("answer_index", pa.int64()),
+        ("cot_content", pa.string()),
+        ("category", pa.string()),
+        ("src", pa.string()),
+    ]
+)
 SPLIT_ID_BASE = {"test": 0, "validation": 100_000, "train": 200_000}
 
 WORD_CLASSES = {
@@ -38,10 +45,41 @@ WORD_CLASSES = {
 }
 WORDS = {c: ws.split() for c, ws in WORD_CLASSES.items()}
 ALL_WORDS = sorted({w for ws in WORDS.values() for w in ws})
-GEO_TEMPLATES = ("What is the capital of {c}?", "Which city is the capital of {c}?",
-                 "The government of {c} sits in which city?")
-_SYL = ("ba", "del", "ka", "lor", "mi", "nor", "ve", "tan", "ri", "qua", "sel", "dor", "fen", "gal",
-        "hu", "is", "jor", "mon", "pra", "su", "thal", "ur", "wen", "yor", "zim", "ost", "ar", "bel")
+GEO_TEMPLATES = (
+    "What is the capital of {c}?",
+    "Which city is the capital of {c}?",
+    "The government of {c} sits in which city?",
+)
+_SYL = (
+    "ba",
+    "del",
+    "ka",
+    "lor",
+    "mi",
+    "nor",
+    "ve",
+    "tan",
+    "ri",
+    "qua",
+    "sel",
+    "dor",
+    "fen",
+    "gal",
+    "hu",
+    "is",
+    "jor",
+    "mon",
+    "pra",
+    "su",
+    "thal",
+    "ur",
+    "wen",
+    "yor",
+    "zim",
+    "ost",
+    "ar",
+    "bel",
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +121,7 @@ def _rand_num(rng: random.Random, lo: int, hi: int) -> Callable[[], str]:
 
 # ---- generators: (rng, world, split) -> Item ----
 
+
 def succession(rng, world, split) -> Item:
     n = rng.randrange(0, 1000)
     opts, i = _choose(rng, str(n + 1), _near(rng, n, [-1, 2, 10, 11, -9, 3, 20, -10]), 4, _rand_num(rng, 0, 1000))
@@ -97,15 +136,21 @@ def comparison(rng, world, split) -> Item:
     lst = ", ".join(map(str, nums))
     opts = [str(x) for x in nums]
     rng.shuffle(opts)
-    return Item((tuple(nums), big), f"Which is the {word} of these numbers: {lst}?", opts, opts.index(str(pick)),
-                f"Comparing {lst}, the {word} is {pick}.")
+    return Item(
+        (tuple(nums), big),
+        f"Which is the {word} of these numbers: {lst}?",
+        opts,
+        opts.index(str(pick)),
+        f"Comparing {lst}, the {word} is {pick}.",
+    )
 
 
 def addition(rng, world, split) -> Item:
     a, b = rng.randrange(10, 100), rng.randrange(10, 100)
     s = a + b
-    opts, i = _choose(rng, str(s), _near(rng, s, [1, -1, 10, -10, 2, -2, 11, -11, 9, 20, -20]), 10,
-                      _rand_num(rng, 20, 198))
+    opts, i = _choose(
+        rng, str(s), _near(rng, s, [1, -1, 10, -10, 2, -2, 11, -11, 9, 20, -20]), 10, _rand_num(rng, 20, 198)
+    )
     return Item((a, b), f"What is {a} plus {b}?", opts, i, f"{a} plus {b} is {a} + {b} = {s}.")
 
 
@@ -116,8 +161,13 @@ def sequences(rng, world, split) -> Item:
     pool = _near(rng, nxt, [step, -step, 1, -1, 2 * step, 10, -10]) + [str(terms[-1])]
     opts, i = _choose(rng, str(nxt), pool, 7, _rand_num(rng, 0, 120))
     lst = ", ".join(map(str, terms))
-    return Item((start, step), f"What number comes next in the sequence {lst}?", opts, i,
-                f"Each term adds {step}, so the next term is {terms[-1]} + {step} = {nxt}.")
+    return Item(
+        (start, step),
+        f"What number comes next in the sequence {lst}?",
+        opts,
+        i,
+        f"Each term adds {step}, so the next term is {terms[-1]} + {step} = {nxt}.",
+    )
 
 
 def counting(rng, world, split) -> Item:
@@ -127,8 +177,13 @@ def counting(rng, world, split) -> Item:
     k = seq.count(x)
     opts, i = _choose(rng, str(k), [str(j) for j in rng.sample(range(0, 10), 10)], 8, _rand_num(rng, 0, 9))
     s = " ".join(seq)
-    return Item((s, x), f"How many times does the letter {x} appear in: {s}?", opts, i,
-                f"Going through {s} and counting each {x} gives {k}.")
+    return Item(
+        (s, x),
+        f"How many times does the letter {x} appear in: {s}?",
+        opts,
+        i,
+        f"Going through {s} and counting each {x} gives {k}.",
+    )
 
 
 def alphabetical(rng, world, split) -> Item:
@@ -137,8 +192,13 @@ def alphabetical(rng, world, split) -> Item:
     lst = ", ".join(words)
     opts = list(words)
     rng.shuffle(opts)
-    return Item((tuple(sorted(words)),), f"Which word comes first in alphabetical order: {lst}?", opts,
-                opts.index(first), f"Sorted alphabetically the words are {', '.join(sorted(words))}, so the first is {first}.")
+    return Item(
+        (tuple(sorted(words)),),
+        f"Which word comes first in alphabetical order: {lst}?",
+        opts,
+        opts.index(first),
+        f"Sorted alphabetically the words are {', '.join(sorted(words))}, so the first is {first}.",
+    )
 
 
 def word_classes(rng, world, split) -> Item:
@@ -146,8 +206,13 @@ def word_classes(rng, world, split) -> Item:
     ans = rng.choice(WORDS[cls])
     others = [w for c in sorted(WORDS) if c != cls for w in WORDS[c]]
     opts, i = _choose(rng, ans, rng.sample(others, 5), 6, lambda: rng.choice(others))
-    return Item((cls, ans, tuple(sorted(opts))), f"Which of these is a kind of {cls}?", opts, i,
-                f"{ans.capitalize()} is a kind of {cls}; none of the others is.")
+    return Item(
+        (cls, ans, tuple(sorted(opts))),
+        f"Which of these is a kind of {cls}?",
+        opts,
+        i,
+        f"{ans.capitalize()} is a kind of {cls}; none of the others is.",
+    )
 
 
 def geography(rng, world, split) -> Item:
@@ -156,13 +221,20 @@ def geography(rng, world, split) -> Item:
     t = held[c] if split == "test" else rng.choice([j for j in range(len(GEO_TEMPLATES)) if j != held[c]])
     others = [capitals[j] for j in rng.sample(range(len(countries)), min(12, len(countries))) if j != c]
     opts, i = _choose(rng, capitals[c], others, 10, lambda: rng.choice(capitals))
-    return Item((c, t), GEO_TEMPLATES[t].format(c=countries[c]), opts, i,
-                f"The capital of {countries[c]} is {capitals[c]}.")
+    return Item(
+        (c, t), GEO_TEMPLATES[t].format(c=countries[c]), opts, i, f"The capital of {countries[c]} is {capitals[c]}."
+    )
 
 
 CATEGORIES: dict[str, Callable] = {
-    "succession": succession, "word classes": word_classes, "comparison": comparison, "geography": geography,
-    "sequences": sequences, "alphabetical": alphabetical, "counting": counting, "addition": addition,
+    "succession": succession,
+    "word classes": word_classes,
+    "comparison": comparison,
+    "geography": geography,
+    "sequences": sequences,
+    "alphabetical": alphabetical,
+    "counting": counting,
+    "addition": addition,
 }
 
 
@@ -190,9 +262,16 @@ def cot(reasoning: str, letter: str) -> str:
 def _row(item: Item, qid: int, category: str) -> dict:
     assert len(set(item.options)) == len(item.options) <= len(LETTERS), item
     letter = LETTERS[item.answer_index]
-    return {"question_id": qid, "question": item.question, "options": list(item.options), "answer": letter,
-            "answer_index": item.answer_index, "cot_content": cot(item.reasoning, letter), "category": category,
-            "src": f"toy-{category.replace(' ', '_')}"}
+    return {
+        "question_id": qid,
+        "question": item.question,
+        "options": list(item.options),
+        "answer": letter,
+        "answer_index": item.answer_index,
+        "cot_content": cot(item.reasoning, letter),
+        "category": category,
+        "src": f"toy-{category.replace(' ', '_')}",
+    }
 
 
 def _gen(category: str, split: str, n: int, seed: int, world: dict, exclude: set, unique: bool) -> list[Item]:
@@ -210,8 +289,13 @@ def _gen(category: str, split: str, n: int, seed: int, world: dict, exclude: set
     return out
 
 
-def make_splits(seed: int, sizes: dict[str, int], n_countries: int = 100, extra: dict[str, int] | None = None,
-                held_extra: dict[str, int] | None = None) -> dict[str, list[dict]]:
+def make_splits(
+    seed: int,
+    sizes: dict[str, int],
+    n_countries: int = 100,
+    extra: dict[str, int] | None = None,
+    held_extra: dict[str, int] | None = None,
+) -> dict[str, list[dict]]:
     """Rows per split: "test", "validation", "train", `held_extra` splits (drawn like validation, held
     out like it) and `extra` splits (drawn like train). Counts are per category.
 
@@ -230,8 +314,10 @@ def make_splits(seed: int, sizes: dict[str, int], n_countries: int = 100, extra:
             splits[split] += [(cat, it) for it in items]
         for split in free_splits:
             splits[split] += [(cat, it) for it in _gen(cat, split, counts[split], seed, world, held, unique=False)]
-    return {s: [_row(it, SPLIT_ID_BASE.get(s, 300_000) + k, cat) for k, (cat, it) in enumerate(items)]
-            for s, items in splits.items()}
+    return {
+        s: [_row(it, SPLIT_ID_BASE.get(s, 300_000) + k, cat) for k, (cat, it) in enumerate(items)]
+        for s, items in splits.items()
+    }
 
 
 def qa_text(question: str, answer: str) -> str:
@@ -271,8 +357,9 @@ def check_row(row: dict) -> None:
         raise ValueError(f"{where}: duplicate options {opts!r}")
     if not 0 <= i < len(opts) or row["answer"] != LETTERS[i]:
         raise ValueError(f"{where}: answer {row['answer']!r} does not match answer_index {i}")
-    if not row["cot_content"].startswith("A: Let's think step by step.") or \
-            not row["cot_content"].endswith(f"The answer is ({row['answer']}).") or not row["question"].strip():
+    if (
+        not row["cot_content"].startswith("A: Let's think step by step.")
+        or not row["cot_content"].endswith(f"The answer is ({row['answer']}).")
+        or not row["question"].strip()
+    ):
         raise ValueError(f"{where}: cot_content not in the official style")
-
-

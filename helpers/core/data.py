@@ -27,8 +27,10 @@ HUB_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}  # datasets that need a 
 
 
 def _unknown(source) -> ValueError:
-    return ValueError(f"unknown data source {str(source)!r}: expected 'toy', a path to a "
-                      f"{'/'.join(FILE_SUFFIXES)} file, one of {sorted(HUB)}, or a hub id owner/name[:config]")
+    return ValueError(
+        f"unknown data source {str(source)!r}: expected 'toy', a path to a "
+        f"{'/'.join(FILE_SUFFIXES)} file, one of {sorted(HUB)}, or a hub id owner/name[:config]"
+    )
 
 
 def hub_id(source) -> tuple[str, dict] | None:
@@ -53,7 +55,9 @@ def world_dir(world) -> Path:
 def _toy_file(world, rel: str) -> Path:
     p = world_dir(world) / rel
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no toy world there; build it with `python -m helpers toy build --out {world_dir(world)}`")
+        raise FileNotFoundError(
+            f"{p}: no toy world there; build it with `python -m helpers toy build --out {world_dir(world)}`"
+        )
     return p
 
 
@@ -110,7 +114,9 @@ def row_messages(row: dict, where: str = "row") -> list[dict]:
     if {"question", "options", "answer_index"} <= set(row) or isinstance(row.get("answer"), str):
         q, a = _qa(row)
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    raise ValueError(f"{where}: no 'messages', 'prompt'/'completion' or MMLU-Pro fields for fine-tuning; keys {sorted(row)}")
+    raise ValueError(
+        f"{where}: no 'messages', 'prompt'/'completion' or MMLU-Pro fields for fine-tuning; keys {sorted(row)}"
+    )
 
 
 def _take(items: list, n: int | None, seed: int, where: str) -> list:
@@ -145,8 +151,10 @@ def _hub_rows(source, n: int | None, seed: int, split: str | None = None) -> lis
                 break
         return out
     except Exception as e:  # offline, gated, renamed: say which source and what to do instead
-        raise ValueError(f"source {source!r}: could not stream {repo} ({type(e).__name__}: {str(e)[:200]}); "
-                         f"offline? use 'toy' or a local .jsonl/.parquet/.txt path") from None
+        raise ValueError(
+            f"source {source!r}: could not stream {repo} ({type(e).__name__}: {str(e)[:200]}); "
+            f"offline? use 'toy' or a local .jsonl/.parquet/.txt path"
+        ) from None
 
 
 def _local(source) -> Path | None:

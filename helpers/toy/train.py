@@ -12,11 +12,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from helpers import toy_tasks as tasks
-from helpers.synth import save_sharded
+from helpers.core.models import save_sharded
+from helpers.toy import tasks
 
-BASE_CONFIG = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+BASE_CONFIG = dict(
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 
 
 def model_config(kind: str, spec: dict, vocab_size: int):
@@ -32,8 +40,16 @@ def dense_twin(moe_config):
     """The Mistral config whose MLP a Mixtral of `moe_config` is upcycled from (same attention, RoPE, sizes)."""
     from transformers import AutoConfig
 
-    skip = {"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
-            "router_jitter_noise", "model_type", "architectures", "transformers_version"}
+    skip = {
+        "num_local_experts",
+        "num_experts_per_tok",
+        "router_aux_loss_coef",
+        "output_router_logits",
+        "router_jitter_noise",
+        "model_type",
+        "architectures",
+        "transformers_version",
+    }
     kw = {k: v for k, v in moe_config.to_dict().items() if k not in skip}
     return AutoConfig.for_model("mistral", **kw)
 
@@ -85,7 +101,7 @@ def _batches(seqs: list, batch: int, steps: int, seed: int):
     while len(out) < steps:
         idx = [g.randrange(len(seqs)) for _ in range(16 * batch)]
         idx.sort(key=lambda i: len(seqs[i][0]))
-        group = [idx[k:k + batch] for k in range(0, len(idx), batch)]
+        group = [idx[k : k + batch] for k in range(0, len(idx), batch)]
         g.shuffle(group)
         out += group
     return out[:steps]
@@ -97,8 +113,8 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -109,8 +125,18 @@ def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     return (ce * w).sum() / w.sum()
 
 
-def pretrain(model, seqs: list[tuple[list[int], int]], *, steps: int, batch: int, lr: float, seed: int, pad_id: int,
-             question_weight: float = 0.25, desc: str = "pretrain") -> list[float]:
+def pretrain(
+    model,
+    seqs: list[tuple[list[int], int]],
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    pad_id: int,
+    question_weight: float = 0.25,
+    desc: str = "pretrain",
+) -> list[float]:
     """Plain-torch causal LM training (AdamW, warmup + cosine); Mixtral adds its load-balancing loss.
 
     Question tokens count `question_weight` as much as answer tokens: the model still models the
@@ -123,7 +149,8 @@ def pretrain(model, seqs: list[tuple[list[int], int]], *, steps: int, batch: int
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
     losses = []
     bar = tqdm(_batches(seqs, batch, steps, seed), desc=desc, leave=False)
     for idx in bar:
@@ -131,7 +158,7 @@ def pretrain(model, seqs: list[tuple[list[int], int]], *, steps: int, batch: int
         ids, mask = pad([s for s, _ in chunk], pad_id)
         w = mask.float() * question_weight
         for b, (s, n_ans) in enumerate(chunk):
-            w[b, len(s) - n_ans:len(s)] = 1.0
+            w[b, len(s) - n_ans : len(s)] = 1.0
         # right padding: real tokens never attend to later pads, so no mask is needed (faster path)
         out = model(input_ids=ids, **({"output_router_logits": True} if is_moe else {}))
         loss = weighted_lm_loss(out.logits, ids, w)

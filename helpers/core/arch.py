@@ -17,8 +17,17 @@ EXPERT_WEIGHTS = ("w1", "w2", "w3")  # gate, down, up (Mixtral naming)
 # Which legacy weights a fused tensor holds, in row order: gate_up_proj [E, 2I, H] is w1 rows then w3.
 FUSED_ROLES = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
 # Config fields that say nothing about which weights a config describes (re-saves change them).
-COSMETIC_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
-                        "use_cache", "output_hidden_states", "output_attentions", "return_dict")
+COSMETIC_CONFIG_KEYS = (
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+)
 
 
 class UnsupportedModel(ValueError):
@@ -45,7 +54,10 @@ LEGACY = MoEFormat(
 FUSED = MoEFormat(
     name="fused",
     router="model.layers.{l}.mlp.gate.weight",
-    experts={"gate_up_proj": "model.layers.{l}.mlp.experts.gate_up_proj", "down_proj": "model.layers.{l}.mlp.experts.down_proj"},
+    experts={
+        "gate_up_proj": "model.layers.{l}.mlp.experts.gate_up_proj",
+        "down_proj": "model.layers.{l}.mlp.experts.down_proj",
+    },
 )
 
 

@@ -10,13 +10,12 @@ Usage: `vs, notes = collect({"world": "runs/toy/world/manifest.json", "prune": "
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
-from helpers import manifest
-from helpers.eval import mmlu_pro, results
-from helpers.eval.run import Plan, evaluate_dir, speed_of
+from helpers.core import manifest
+from helpers.eval import Plan, evaluate_dir, mmlu_pro, results, speed_of
 
 # (manifest key, output name, variant name, family) in the order tables and plots show them
 CHECKPOINTS = (
@@ -85,14 +84,26 @@ def collect(paths: dict, models: dict | None = None) -> tuple[list[Variant], lis
             out.append(Variant(variant, family, p, found[key][0] if key in found else None))
         else:
             notes.append(f"skipped {variant}: {why}")
-    parts = {n: _output(found, k, n) for k, n in (("layer_drop", "stage_a"), ("layer_drop", "bundles"),
-                                                  ("routing", "thresholds"))}
+    parts = {
+        n: _output(found, k, n)
+        for k, n in (("layer_drop", "stage_a"), ("layer_drop", "bundles"), ("routing", "thresholds"))
+    }
     missing = [f"{n} ({why})" for n, (p, why) in parts.items() if not p]
     if missing:
         notes.append(f"skipped {ROUTED}: needs {', '.join(missing)}")
     else:
-        out.append(Variant(ROUTED, "mistral", None, found["routing"][0], "routed", parts["stage_a"][0],
-                           parts["bundles"][0], parts["thresholds"][0]))
+        out.append(
+            Variant(
+                ROUTED,
+                "mistral",
+                None,
+                found["routing"][0],
+                "routed",
+                parts["stage_a"][0],
+                parts["bundles"][0],
+                parts["thresholds"][0],
+            )
+        )
     known = {v for _, _, v, _ in CHECKPOINTS}
     out += [Variant(v, "other", p, None) for v, p in models.items() if v not in known]
     return out, list(dict.fromkeys(notes))
@@ -108,8 +119,18 @@ def table(vs: list[Variant]):
     """The variants as a DataFrame (name, family, kind, path, parent manifest)."""
     import pandas as pd
 
-    return pd.DataFrame([{"variant": v.name, "family": v.family, "kind": v.kind,
-                          "path": v.path or f"{v.stage_a} + {v.bundles}", "from": v.parent} for v in vs])
+    return pd.DataFrame(
+        [
+            {
+                "variant": v.name,
+                "family": v.family,
+                "kind": v.kind,
+                "path": v.path or f"{v.stage_a} + {v.bundles}",
+                "from": v.parent,
+            }
+            for v in vs
+        ]
+    )
 
 
 def data_of(world_manifest) -> str | None:
@@ -123,7 +144,7 @@ def data_of(world_manifest) -> str | None:
 # ---- routed -----------------------------------------------------------------------------------
 def router_for(v: Variant) -> tuple[dict, object, Callable[[list[str]], list[str]]]:
     """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages) from `routing.Router`."""
-    from helpers.routing import Router
+    from helpers.layers import Router
 
     router = Router.from_dirs(v.stage_a, v.bundles, v.thresholds)
     return router.stages, router.tokenizer, lambda prompts: [str(s) for s in router.route(prompts)[0]]
@@ -137,8 +158,9 @@ def _prompt(mode: str, shots, plan: Plan) -> Callable:
     return mmlu_pro.cloze_context
 
 
-def evaluate_routed(v: Variant, out_dir, plan: Plan, data, stages_router=None, progress: bool = True,
-                    loaded=None) -> Path:
+def evaluate_routed(
+    v: Variant, out_dir, plan: Plan, data, stages_router=None, progress: bool = True, loaded=None
+) -> Path:
     """Score the routed variant: each question goes to the stage its router picks from that mode's prompt.
 
     `stages_router` = (stage models, tokenizer, prompts -> stages); default `router_for(v)`.
@@ -151,35 +173,70 @@ def evaluate_routed(v: Variant, out_dir, plan: Plan, data, stages_router=None, p
     for mode in plan.modes:
         qs = mmlu_pro.take(questions, plan.cot_limit if mode == "cot" else plan.limit)
         prompt = _prompt(mode, shots, plan)
-        kw = {"k": plan.cot_shots, "max_new_tokens": plan.max_new_tokens} if mode == "cot" else (
-            {"k": plan.loglik_shots} if mode == "loglik" else {})
-        tasks += mmlu_pro.route_and_score(stages, tok, qs, lambda qq: choose([prompt(q) for q in qq]), mode=mode,
-                                          shots=shots, batch_size=plan.batch_size, progress=progress, **kw)
+        kw = (
+            {"k": plan.cot_shots, "max_new_tokens": plan.max_new_tokens}
+            if mode == "cot"
+            else ({"k": plan.loglik_shots} if mode == "loglik" else {})
+        )
+        tasks += mmlu_pro.route_and_score(
+            stages,
+            tok,
+            qs,
+            lambda qq: choose([prompt(q) for q in qq]),
+            mode=mode,
+            shots=shots,
+            batch_size=plan.batch_size,
+            progress=progress,
+            **kw,
+        )
     n_params = {s: sum(p.numel() for p in m.parameters()) for s, m in stages.items()}
     mix = tasks[0].extra["stage_mix"] if tasks else {}
     total = sum(mix.values()) or 1
     expected = sum(n_params[s] * c for s, c in mix.items()) / total if mix else None
     dtype = str(next(stages["A"].parameters()).dtype).removeprefix("torch.")
-    cfg = results.config_block(v.stage_a, v.name, parent_manifest=v.parent, dtype=dtype,
-                               weights=[v.stage_a, v.bundles], data=str(data), plan=asdict(plan),
-                               thresholds=v.thresholds, bundles=v.bundles, params_per_stage=n_params)
+    cfg = results.config_block(
+        v.stage_a,
+        v.name,
+        parent_manifest=v.parent,
+        dtype=dtype,
+        weights=[v.stage_a, v.bundles],
+        data=str(data),
+        plan=asdict(plan),
+        thresholds=v.thresholds,
+        bundles=v.bundles,
+        params_per_stage=n_params,
+    )
     cfg["params_stored"], cfg["params"] = cfg["params"], int(expected) if expected else cfg["params"]
     speed = None
     if plan.speed:
         per = {s: speed_of(m, plan) for s, m in stages.items()}
         w = {s: mix.get(s, 0) / total for s in per}
         # time per token adds up over the mix; the router's own pass (stage A on the prompt) not included
-        speed = {k: round(1.0 / sum(w[s] / per[s][k] for s in per if w[s]), 2) if any(w.values()) else None
-                 for k in ("prefill_tok_s", "decode_tok_s")}
-        speed.update(peak_memory_bytes=max(p["peak_memory_bytes"] for p in per.values()),
-                     memory_kind=per["A"]["memory_kind"], device=per["A"]["device"], per_stage=per,
-                     note="mix-weighted over the stages; routing pass excluded")
+        speed = {
+            k: round(1.0 / sum(w[s] / per[s][k] for s in per if w[s]), 2) if any(w.values()) else None
+            for k in ("prefill_tok_s", "decode_tok_s")
+        }
+        speed.update(
+            peak_memory_bytes=max(p["peak_memory_bytes"] for p in per.values()),
+            memory_kind=per["A"]["memory_kind"],
+            device=per["A"]["device"],
+            per_stage=per,
+            note="mix-weighted over the stages; routing pass excluded",
+        )
     return results.write_results(out_dir, cfg, tasks, speed)
 
 
 # ---- all ----------------------------------------------------------------------------------------
-def evaluate_all(variants: list[Variant], out_root, plan: Plan, data, lighteval_variants=(), dtype=None,
-                 progress: bool = True, routed_hook=None) -> tuple[list[str], list[str]]:
+def evaluate_all(
+    variants: list[Variant],
+    out_root,
+    plan: Plan,
+    data,
+    lighteval_variants=(),
+    dtype=None,
+    progress: bool = True,
+    routed_hook=None,
+) -> tuple[list[str], list[str]]:
     """Evaluate every variant into `<out_root>/<name>/results.json`; returns (done, notes).
 
     `dtype`: one for all, or {family: dtype} (e.g. {"mixtral": "4bit", "mistral": "bfloat16"}); None = default.
@@ -201,12 +258,21 @@ def evaluate_all(variants: list[Variant], out_root, plan: Plan, data, lighteval_
             fam_dtype = dtype.get(v.family) if isinstance(dtype, dict) else dtype
             try:
                 if v.kind == "routed":
-                    evaluate_routed(v, out, no_le, data, routed_hook(v) if routed_hook else None, progress=False,
-                                    loaded=loaded)
+                    evaluate_routed(
+                        v, out, no_le, data, routed_hook(v) if routed_hook else None, progress=False, loaded=loaded
+                    )
                 else:
-                    evaluate_dir(v.path, out, plan if v.name in lighteval_variants else no_le, data=data,
-                                 variant=v.name, dtype=fam_dtype, parent_manifest=v.parent, progress=False,
-                                 loaded=loaded)
+                    evaluate_dir(
+                        v.path,
+                        out,
+                        plan if v.name in lighteval_variants else no_le,
+                        data=data,
+                        variant=v.name,
+                        dtype=fam_dtype,
+                        parent_manifest=v.parent,
+                        progress=False,
+                        loaded=loaded,
+                    )
                 done.append(v.name)
             except ImportError as e:  # an optional dependency this machine lacks (bitsandbytes for 4bit)
                 notes.append(f"skipped {v.name}: {e}")

@@ -8,36 +8,50 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from helpers.fsutil import dir_bytes, read_json, tree_sha256, write_json
+from helpers.core.fsutil import dir_bytes, read_json, tree_sha256, write_json
 
-PACKAGES = ("torch", "transformers", "accelerate", "peft", "trl", "bitsandbytes", "safetensors",
-            "tokenizers", "datasets", "lighteval", "numpy")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "safetensors",
+    "tokenizers",
+    "datasets",
+    "lighteval",
+    "numpy",
+)
 FILENAME = "manifest.json"
 
 
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for p in PACKAGES:
-        try:
+        with suppress(metadata.PackageNotFoundError):
             out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
 def git_sha(cwd=None) -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         # results a run rewrites (eval_results/) do not make the code dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)eval_results"],
-                               cwd=cwd or Path(__file__).parent,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)eval_results"],
+            cwd=cwd or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -67,25 +81,25 @@ class Manifest:
             "metrics": {},
         }
 
-    def input(self, name: str, path, hash: bool = True) -> "Manifest":
+    def input(self, name: str, path, hash: bool = True) -> Manifest:
         self.data["inputs"][name] = describe(path, hash)
         return self
 
-    def inputs(self, paths: dict, hash: bool = True) -> "Manifest":
+    def inputs(self, paths: dict, hash: bool = True) -> Manifest:
         """Several inputs at once: {name: path}."""
         for name, path in paths.items():
             self.input(name, path, hash)
         return self
 
-    def output(self, name: str, path, hash: bool = True) -> "Manifest":
+    def output(self, name: str, path, hash: bool = True) -> Manifest:
         self.data["outputs"][name] = describe(path, hash)
         return self
 
-    def metric(self, name: str, value) -> "Manifest":
+    def metric(self, name: str, value) -> Manifest:
         self.data["metrics"][name] = value
         return self
 
-    def metrics(self, **kv) -> "Manifest":
+    def metrics(self, **kv) -> Manifest:
         self.data["metrics"].update(kv)
         return self
 
@@ -113,4 +127,6 @@ def output_path(manifest, name: str) -> Path:
     try:
         return Path(m["outputs"][name]["path"])
     except KeyError:
-        raise KeyError(f"manifest of step {m.get('step')!r} has no output {name!r}; it has {sorted(m['outputs'])}") from None
+        raise KeyError(
+            f"manifest of step {m.get('step')!r} has no output {name!r}; it has {sorted(m['outputs'])}"
+        ) from None

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from helpers import arch
-from helpers.checkpoint import DTYPES, Checkpoint, local_dir
+from helpers.core import arch
+from helpers.core.checkpoint import DTYPES, Checkpoint, local_dir
 
 if TYPE_CHECKING:
     import torch
@@ -26,30 +26,46 @@ _FUSED_OF = {w: (fused, i) for fused, roles in arch.FUSED_ROLES.items() for i, w
 
 # Config keys that fix every tensor shape of a Mixtral; two checkpoints that agree on these hold
 # comparable experts (a fine-tuned model and its base do; a pruned one does not).
-SHAPE_KEYS = ("model_type", "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "hidden_size",
-              "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+SHAPE_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def moe_family(config: dict) -> arch.Family:
     """The family of `config`, which must be a mixture-of-experts model (one-line error otherwise)."""
     fam = arch.detect(config)
     if not fam.is_moe:
-        raise ValueError(f"model_type '{fam.model_type}' is not a mixture-of-experts model (no experts to score or prune)")
+        raise ValueError(
+            f"model_type '{fam.model_type}' is not a mixture-of-experts model (no experts to score or prune)"
+        )
     return fam
 
 
-def fingerprint(config: dict) -> dict:
+def expert_layout(config: dict) -> dict:
     """What identifies a model's expert layout: type, layers, experts, hidden size, hash of shapes."""
     fam = moe_family(config)
     shape = {k: config.get(k) for k in SHAPE_KEYS}
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
-    return {"model_type": fam.model_type, "n_layers": fam.n_layers(config), "n_experts": fam.n_experts(config),
-            "hidden_size": int(config["hidden_size"]), "config_hash": digest}
+    return {
+        "model_type": fam.model_type,
+        "n_layers": fam.n_layers(config),
+        "n_experts": fam.n_experts(config),
+        "hidden_size": int(config["hidden_size"]),
+        "config_hash": digest,
+    }
 
 
-def check_fingerprint(found: dict, config: dict, what: str) -> None:
+def check_expert_layout(found: dict, config: dict, what: str) -> None:
     """Raise naming the first field where `found` (recorded with `what`) differs from `config`'s."""
-    want = fingerprint(config)
+    want = expert_layout(config)
     for k in ("model_type", "n_layers", "n_experts", "hidden_size", "config_hash"):
         if found.get(k) != want[k]:
             raise ValueError(f"{what} is from another model: {k} is {found.get(k)!r} there, {want[k]!r} in this model")
@@ -109,7 +125,7 @@ class ExpertView:
         if not self.fused:
             return self.ck.get_slice(arch.LEGACY.experts[w].format(l=layer, e=expert))[r0:r1]
         name, off = self._fused_loc(layer, expert, w)
-        return self.ck.get_slice(name)[expert: expert + 1, off + r0: off + r1][0]  # [rows, cols]
+        return self.ck.get_slice(name)[expert : expert + 1, off + r0 : off + r1][0]  # [rows, cols]
 
     def byte_range(self, layer: int, expert: int, w: str) -> ByteRange:
         """The contiguous bytes of one expert weight (a fused tensor's [e, rows] block is contiguous)."""
@@ -131,5 +147,3 @@ class ExpertView:
 
     def close(self):
         self.ck.close()
-
-

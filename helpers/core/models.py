@@ -1,64 +1,21 @@
-"""Checking checkpoints: tensor-by-tensor comparison by hash, clean loading, weights in owned memory.
+"""Loading models: one loader, one default device and dtype, weights in owned memory, sharded saves.
 
-`load_model` is the one loader of (model, tokenizer) for scoring and calibration, with the one
-default device and dtype (`default_device`, `default_dtype`).
+`load_check` loads with AutoModelForCausalLM and refuses any missing, unexpected or mismatched key;
+`load_model` is the one loader of (model, tokenizer) for scoring and calibration.
 
-Usage: `assert verify.compare("a/", "b/").equal; model = verify.load_check("b/")`
+Usage: `model, tok = models.load_model("runs/toy/world/mistral")`; `models.load_check(path)`
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
+from helpers.core.checkpoint import CheckpointError, local_dir
 
-from helpers.checkpoint import Checkpoint, CheckpointError, local_dir
-from helpers.fsutil import file_sha256
-
-
-@dataclass
-class Comparison:
-    only_a: list[str]
-    only_b: list[str]
-    differ: list[str]  # same name, different dtype, shape or bytes
-    n_equal: int
-
-    @property
-    def equal(self) -> bool:
-        return not (self.only_a or self.only_b or self.differ)
-
-    def __str__(self) -> str:
-        if self.equal:
-            return f"identical: {self.n_equal} tensors"
-        return (f"{self.n_equal} equal, {len(self.differ)} differ {self.differ[:3]}, "
-                f"{len(self.only_a)} only in a {self.only_a[:3]}, {len(self.only_b)} only in b {self.only_b[:3]}")
-
-
-def tensor_sha256(ck: Checkpoint, name: str) -> str:
-    i = ck.info(name)
-    return file_sha256(ck.path / i.shard, i.start, i.nbytes)
-
-
-def compare(a, b) -> Comparison:
-    """Compare two checkpoints tensor by tensor: names, dtype, shape and sha256 of the bytes."""
-    ca, cb = Checkpoint(a), Checkpoint(b)
-    ka, kb = set(ca.keys()), set(cb.keys())
-    differ, n_equal = [], 0
-    for n in tqdm([n for n in ca.keys() if n in kb], desc="compare", leave=False):  # shard order
-        ia, ib = ca.info(n), cb.info(n)
-        same = (ia.dtype, ia.shape) == (ib.dtype, ib.shape) and tensor_sha256(ca, n) == tensor_sha256(cb, n)
-        if same:
-            n_equal += 1
-        else:
-            differ.append(n)
-    return Comparison(sorted(ka - kb), sorted(kb - ka), differ, n_equal)
-
-
-def shard_map(ck) -> dict[str, str]:
-    """tensor name -> shard file of a checkpoint (path or Checkpoint)."""
-    ck = ck if isinstance(ck, Checkpoint) else Checkpoint(ck)
-    return {n: i.shard for n, i in ck.infos.items()}
+if TYPE_CHECKING:
+    import torch
 
 
 def own_memory(model):
@@ -107,7 +64,6 @@ def load_check(path, dtype="float32", own: bool = True, **kwargs):
     return model
 
 
-# ---- loading for scoring --------------------------------------------------------------------
 LOAD_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -155,14 +111,13 @@ def load_model(model, dtype: str | None = None, device: str | None = None):
     return m.eval(), AutoTokenizer.from_pretrained(path)
 
 
-# ---- command line ---------------------------------------------------------------------------
-def cli_compare(args) -> int:
-    c = compare(args.a, args.b)
-    print(c)
-    return 0 if c.equal else 1
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
-def cli_load_check(args) -> int:
-    model = load_check(args.model, dtype="auto", own=False)  # a key check: no fp32 upcast, no copies
-    print(f"{args.model}: loads cleanly ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    return 0
+def save_sharded(model, out, n_shards: int, fused: bool = False) -> Path:
+    """`model.save_pretrained(out)` in about `n_shards` shards (transformers packs greedily, so
+    sometimes one more); legacy expert keys unless `fused`. Weights and config only."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model.save_pretrained(out, max_shard_size=max(1, math.ceil(total / n_shards)), save_original_format=not fused)
+    return Path(out)

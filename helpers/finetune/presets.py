@@ -41,18 +41,51 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Expert-importance run: attention + every expert, so the fine-tuning delta shows per expert.
     "mixtral-experts": Preset(
-        targets=ATTENTION, target_parameters=FUSED_EXPERTS, r=8, alpha=16, dropout=0.0, lr=2e-4, steps=1000,
-        batch_size=4, grad_accum=4, max_length=1024, scheduler="cosine", warmup_steps=30,
-        note="LoRA on q/k/v/o and the fused experts (gate_up_proj, down_proj)"),
+        targets=ATTENTION,
+        target_parameters=FUSED_EXPERTS,
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        lr=2e-4,
+        steps=1000,
+        batch_size=4,
+        grad_accum=4,
+        max_length=1024,
+        scheduler="cosine",
+        warmup_steps=30,
+        note="LoRA on q/k/v/o and the fused experts (gate_up_proj, down_proj)",
+    ),
     # Seed recipe for healing Mistral-7B after layer dropping (3e-4 diverges).
     "mistral-healing": Preset(
-        targets=ATTENTION, r=4, alpha=4, dropout=0.05, lr=3e-6, steps=5000, batch_size=4, grad_accum=4,
-        max_length=1024, scheduler="cosine", warmup_steps=100, note="q/k/v/o, lr 3e-6, r 4, alpha 4"),
+        targets=ATTENTION,
+        r=4,
+        alpha=4,
+        dropout=0.05,
+        lr=3e-6,
+        steps=5000,
+        batch_size=4,
+        grad_accum=4,
+        max_length=1024,
+        scheduler="cosine",
+        warmup_steps=100,
+        note="q/k/v/o, lr 3e-6, r 4, alpha 4",
+    ),
     # Gromov et al. (arXiv 2403.17887): QLoRA, FFN-only, alpha = rank, dropout 0.05, cosine, 100 warmup,
     # 5000 steps of batch 16 on C4; Mistral-7B: lr 3e-6, rank 4.
     "ffn-healing": Preset(
-        targets=FFN, r=4, alpha=4, dropout=0.05, lr=3e-6, steps=5000, batch_size=4, grad_accum=4,
-        max_length=1024, scheduler="cosine", warmup_steps=100, note="paper's healing: gate/up/down, alpha = rank"),
+        targets=FFN,
+        r=4,
+        alpha=4,
+        dropout=0.05,
+        lr=3e-6,
+        steps=5000,
+        batch_size=4,
+        grad_accum=4,
+        max_length=1024,
+        scheduler="cosine",
+        warmup_steps=100,
+        note="paper's healing: gate/up/down, alpha = rank",
+    ),
 }
 
 
@@ -72,8 +105,10 @@ def get_preset(name: str, **overrides) -> Preset:
     if not (p.steps >= 1 and p.r >= 1 and p.batch_size >= 1 and p.grad_accum >= 1 and p.lr > 0):
         raise ValueError(f"preset {name!r}: steps, r, batch_size, grad_accum must be >= 1 and lr > 0")
     if p.target_parameters and p.dropout:
-        raise ValueError(f"preset {name!r}: dropout={p.dropout} with target_parameters {list(p.target_parameters)}; "
-                         "peft's ParamWrapper needs dropout=0")
+        raise ValueError(
+            f"preset {name!r}: dropout={p.dropout} with target_parameters {list(p.target_parameters)}; "
+            "peft's ParamWrapper needs dropout=0"
+        )
     if not (p.targets or p.target_parameters):
         raise ValueError(f"preset {name!r}: no targets and no target_parameters")
     return p
@@ -83,11 +118,18 @@ def lora_config(p: Preset):
     """The peft LoraConfig of a preset (causal LM, no bias)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, bias="none", task_type="CAUSAL_LM",
-                      target_modules=list(p.targets) or None, target_parameters=list(p.target_parameters) or None)
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=list(p.targets) or None,
+        target_parameters=list(p.target_parameters) or None,
+    )
 
 
-def check_targets(model_or_config, p: Preset, where: str = "model") -> None:
+def check_lora_targets(model_or_config, p: Preset, where: str = "model") -> None:
     """Every target names a Linear module / parameter of the model (or of a config's skeleton); else a one-line error."""
     import torch
 

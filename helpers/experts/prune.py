@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import arch
-from helpers.checkpoint import Checkpoint, CheckpointError, Entry, copied, local_dir, rows_of, write_checkpoint
-from helpers.experts import ExpertView, check_fingerprint, fingerprint, moe_family
-from helpers.fsutil import atomic_dir, read_json, write_json
-from helpers.verify import compare
+from helpers.core import arch
+from helpers.core.checkpoint import Checkpoint, CheckpointError, Entry, copied, local_dir, rows_of, write_checkpoint
+from helpers.core.fsutil import atomic_dir, read_json, write_json
+from helpers.core.verify import compare
+from helpers.experts.view import ExpertView, check_expert_layout, expert_layout, moe_family
 
 LAYOUTS = ("standard", "consolidated", "both")
 RECORD = "manifest.json"
@@ -32,7 +32,9 @@ def _check_k(k: int, n_experts: int, top_k: int, where: str) -> None:
     if k > n_experts:
         raise ValueError(f"{where}: keeps {k} experts but the model has only {n_experts}")
     if k < top_k:
-        raise ValueError(f"{where}: keeps {k} experts, fewer than num_experts_per_tok={top_k} (each token needs {top_k})")
+        raise ValueError(
+            f"{where}: keeps {k} experts, fewer than num_experts_per_tok={top_k} (each token needs {top_k})"
+        )
 
 
 def validate_plan(plan: dict, config: dict, name: str = "plan") -> dict[int, list[int]]:
@@ -43,7 +45,7 @@ def validate_plan(plan: dict, config: dict, name: str = "plan") -> dict[int, lis
     if not isinstance(keep, dict):
         raise ValueError(f"{name}: needs a 'keep' mapping {{\"<layer>\": [expert ids]}}")
     if "fingerprint" in plan:
-        check_fingerprint(plan["fingerprint"], config, name)
+        check_expert_layout(plan["fingerprint"], config, name)
     try:
         layers = {int(k): v for k, v in keep.items()}
     except ValueError:
@@ -64,24 +66,33 @@ def validate_plan(plan: dict, config: dict, name: str = "plan") -> dict[int, lis
             raise ValueError(f"{name}: layer {l}: unknown expert id {bad[0]} (the model has experts 0-{E - 1})")
         out[l] = sorted(ids)
     if len({len(v) for v in out.values()}) > 1:
-        raise ValueError(f"{name}: layers keep different numbers of experts {sorted({len(v) for v in out.values()})}; "
-                         "num_local_experts is one number for all layers")
+        raise ValueError(
+            f"{name}: layers keep different numbers of experts {sorted({len(v) for v in out.values()})}; "
+            "num_local_experts is one number for all layers"
+        )
     return out
 
 
-def plan_expert_prune(config: dict, *, scores: dict | None = None, criterion: str = "delta_l2", k: int | None = None,
-                      keep: dict | None = None, scores_name: str = "scores.json") -> dict:
+def plan_expert_prune(
+    config: dict,
+    *,
+    scores: dict | None = None,
+    criterion: str = "delta_l2",
+    k: int | None = None,
+    keep: dict | None = None,
+    scores_name: str = "scores.json",
+) -> dict:
     """The plan keeping, per layer, the k experts with the highest `criterion` score (or `keep`).
 
     Pure: no file is read or written. Ties go to the lower expert id.
     """
     fam = moe_family(config)
     E, top_k = fam.n_experts(config), fam.top_k(config)
-    meta: dict = {"fingerprint": fingerprint(config)}
+    meta: dict = {"fingerprint": expert_layout(config)}
     if (scores is None) == (keep is None):
         raise ValueError("give exactly one of scores (with k) or an explicit keep mapping")
     if scores is not None:
-        check_fingerprint(scores["fingerprint"], config, scores_name)
+        check_expert_layout(scores["fingerprint"], config, scores_name)
         if k is None:
             raise ValueError("k (--keep) is required with scores")
         _check_k(k, E, top_k, f"--keep {k}")
@@ -125,8 +136,13 @@ def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
 
     def expert(l: int, e: int, new: int, w: str) -> Entry:
         br = view.byte_range(l, e, w)
-        return Entry(legacy.experts[w].format(l=l, e=new), br.dtype, br.shape, br.shard,
-                     src=(ck.path / br.shard, br.start, br.end))
+        return Entry(
+            legacy.experts[w].format(l=l, e=new),
+            br.dtype,
+            br.shape,
+            br.shard,
+            src=(ck.path / br.shard, br.start, br.end),
+        )
 
     entries = []
     for name in ck.keys():
@@ -149,8 +165,9 @@ def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
     return entries
 
 
-def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None,
-                       overwrite: bool = False) -> dict:
+def apply_expert_prune(
+    model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None, overwrite: bool = False
+) -> dict:
     """Write the pruned checkpoint(s); returns a record of them, also saved as OUT/manifest.json.
 
     standard: OUT mirrors the input's shards (each tensor in its source's shard). consolidated:
@@ -168,11 +185,15 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
     n_in = len(view.ck.shards)
     packed = {"max_shard_size": max_shard_size} if max_shard_size else {"n_shards": max(1, n_in // 2)}
     source = [copied(view.ck, n) for n in view.ck.keys()]
-    rec = {"source": str(view.ck.path), "source_format": view.format.name, "layout": layout,
-           "plan": {"keep": {str(l): v for l, v in keep.items()}, "k": k, "n_experts": view.n_experts},
-           "bytes": {"before": view.ck.nbytes, "after": sum(e.nbytes for e in entries)},
-           "params": {"before": sum(e.numel for e in source), "after": sum(e.numel for e in entries)},
-           "shards": {"source": n_in}}
+    rec = {
+        "source": str(view.ck.path),
+        "source_format": view.format.name,
+        "layout": layout,
+        "plan": {"keep": {str(l): v for l, v in keep.items()}, "k": k, "n_experts": view.n_experts},
+        "bytes": {"before": view.ck.nbytes, "after": sum(e.nbytes for e in entries)},
+        "params": {"before": sum(e.numel for e in source), "after": sum(e.numel for e in entries)},
+        "shards": {"source": n_in},
+    }
     out = Path(out)
     write = dict(config=config, side_files_from=view.ck.path, desc="prune")
     if layout == "both":
@@ -199,10 +220,17 @@ def apply_expert_prune(model_dir, plan: dict, out, layout: str = "standard", max
 
 def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
     """OUT/manifest.json: what was pruned from what, the layouts written and their verification."""
-    from helpers.manifest import Manifest
+    from helpers.core.manifest import Manifest
 
-    m = Manifest("expert_prune", {"layout": rec["layout"], "max_shard_size": max_shard_size, "k": rec["plan"]["k"],
-                                  "criterion": plan.get("criterion")})
+    m = Manifest(
+        "expert_prune",
+        {
+            "layout": rec["layout"],
+            "max_shard_size": max_shard_size,
+            "k": rec["plan"]["k"],
+            "criterion": plan.get("criterion"),
+        },
+    )
     m.input("model", rec["source"], hash=False)
     m.output("plan", out / "plan.json")
     for name, path in rec["paths"].items():
@@ -232,7 +260,7 @@ def masked_router(model, keep: dict):
     """
     import torch
 
-    from helpers.expert_scores import moe_blocks
+    from helpers.experts.scores import moe_blocks
 
     keep = {int(l): v for l, v in keep.get("keep", keep).items()}
     handles = []
@@ -247,6 +275,7 @@ def masked_router(model, keep: dict):
             probs = torch.softmax(logits.float(), dim=-1)
             top, idx = torch.topk(probs, gate.top_k, dim=-1)  # [T, k]
             return logits, (top / top.sum(-1, keepdim=True)).to(output[1].dtype), idx
+
         return fn
 
     try:
@@ -263,7 +292,7 @@ def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", *
     import torch
     from transformers import AutoTokenizer
 
-    from helpers.verify import load_check
+    from helpers.core.models import load_check
 
     tok = AutoTokenizer.from_pretrained(str(pruned))
     base = load_check(source, dtype=dtype, **load_kw).eval()
@@ -291,12 +320,17 @@ def cli_expert_prune(args) -> int:
     else:
         if not args.scores or args.keep is None:
             raise ValueError("give --plan PLAN.json, or --scores SCORES.json with --keep K")
-        from helpers.expert_scores import load_scores  # torch: only this path needs it
-        plan = plan_expert_prune(config, scores=load_scores(args.scores), criterion=args.criterion, k=args.keep,
-                                 scores_name=args.scores)
-    rec = apply_expert_prune(model, plan, args.out, layout=args.layout, max_shard_size=args.max_shard_size,
-                             overwrite=args.overwrite)
+        from helpers.experts.scores import load_scores  # torch: only this path needs it
+
+        plan = plan_expert_prune(
+            config, scores=load_scores(args.scores), criterion=args.criterion, k=args.keep, scores_name=args.scores
+        )
+    rec = apply_expert_prune(
+        model, plan, args.out, layout=args.layout, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
     b = rec["bytes"]
-    print(f"kept {rec['plan']['k']} of {rec['plan']['n_experts']} experts per layer; "
-          f"{b['before'] / 1e9:.3f} GB -> {b['after'] / 1e9:.3f} GB; wrote {', '.join(rec['paths'].values())}")
+    print(
+        f"kept {rec['plan']['k']} of {rec['plan']['n_experts']} experts per layer; "
+        f"{b['before'] / 1e9:.3f} GB -> {b['after'] / 1e9:.3f} GB; wrote {', '.join(rec['paths'].values())}"
+    )
     return 0

@@ -5,17 +5,23 @@ Usage: `save_random(tiny_config("mixtral"), "tmp/mx", n_shards=4, tokenizer=True
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from helpers import arch
-from helpers.checkpoint import Entry, dtype_code, write_checkpoint
+from helpers.core import arch
+from helpers.core.checkpoint import Entry, dtype_code, write_checkpoint
+from helpers.core.models import save_sharded
 
 TINY = dict(
-    vocab_size=320, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    vocab_size=320,
+    hidden_size=32,
+    intermediate_size=48,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
 )
 TINY_LAYERS = {"mistral": 8, "llama": 4, "mixtral": 4}
 
@@ -42,7 +48,7 @@ _CORPUS = (
 
 def tiny_tokenizer(out=None, vocab_size: int = TINY["vocab_size"]):
     """The toy world's tokenizer (byte-level BPE, chat template) trained on a few lines; saved to `out` if given."""
-    from helpers.toy import train_tokenizer  # toy imports the training code, which imports this module
+    from helpers.toy.world import train_tokenizer  # toy imports the training code, which imports this module
 
     return train_tokenizer([_CORPUS] * 4, vocab_size, out)
 
@@ -58,16 +64,9 @@ def random_model(config, seed: int = 0, std: float | None = None):
     return model.eval()
 
 
-def save_sharded(model, out, n_shards: int, fused: bool = False) -> Path:
-    """`model.save_pretrained(out)` in about `n_shards` shards (transformers packs greedily, so
-    sometimes one more); legacy expert keys unless `fused`. Weights and config only."""
-    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    model.save_pretrained(out, max_shard_size=max(1, math.ceil(total / n_shards)), save_original_format=not fused)
-    return Path(out)
-
-
-def save_random(config, out, n_shards: int = 4, fused: bool = False, seed: int = 0, model=None,
-                tokenizer: bool = True) -> Path:
+def save_random(
+    config, out, n_shards: int = 4, fused: bool = False, seed: int = 0, model=None, tokenizer: bool = True
+) -> Path:
     """Save a random model (or `model`) in about `n_shards` shards; legacy expert keys unless `fused`.
 
     With `tokenizer`, a tiny byte-level tokenizer (vocab = config.vocab_size) is saved beside it.

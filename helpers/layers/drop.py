@@ -23,22 +23,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from helpers import arch, bundles
-from helpers.checkpoint import Checkpoint, copied, local_dir, write_checkpoint
-from helpers.eval.engine import model_device
-from helpers.fsutil import refuse_existing, write_json
-from helpers.verify import load_model
+from helpers.core import arch
+from helpers.core.checkpoint import Checkpoint, copied, local_dir, write_checkpoint
+from helpers.core.fsutil import refuse_existing, write_json
+from helpers.core.models import load_model, model_device
+from helpers.layers import bundles
 
 PLAN_FORMAT = "layer-drop-plan/1"
 
 
 # ---- calibration text and padding ----------------------------------------------------------
 def calib_texts(source, n: int | None = None, *, world="runs/toy/world", seed: int = 0) -> list[str]:
-    """Calibration texts: a list of strings as is, else `helpers.data.load_texts(source, n, ...)`."""
+    """Calibration texts: a list of strings as is, else `helpers.core.data.load_texts(source, n, ...)`."""
     if isinstance(source, (list, tuple)):
         texts = [t for t in source if t]
         return texts[:n] if n else texts
-    from helpers.data import load_texts
+    from helpers.core.data import load_texts
 
     return load_texts(source, n, world=world, seed=seed)
 
@@ -100,29 +100,42 @@ def encode(tokenizer, texts: list[str], seq_len: int, padding_side: str | None =
     return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": positions(mask)}
 
 
-def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = 128, batch_size: int = 8,
-                        padding_side: str | None = None) -> list[dict]:
+def calibration_batches(
+    tokenizer, texts: list[str], *, seq_len: int = 128, batch_size: int = 8, padding_side: str | None = None
+) -> list[dict]:
     """Texts batched by similar token length (less padding), encoded with `encode`."""
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("no calibration text (all empty)")
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    return [encode(tokenizer, [texts[i] for i in order[k:k + batch_size]], seq_len, padding_side)
-            for k in range(0, len(order), batch_size)]
+    return [
+        encode(tokenizer, [texts[i] for i in order[k : k + batch_size]], seq_len, padding_side)
+        for k in range(0, len(order), batch_size)
+    ]
 
 
 @torch.no_grad()
-def angular_distances(model, tokenizer=None, texts=None, *, batches: list[dict] | None = None, seq_len: int = 128,
-                      batch_size: int = 8, final_norm: bool = False, padding_side: str | None = None,
-                      progress: bool = True) -> np.ndarray:
+def angular_distances(
+    model,
+    tokenizer=None,
+    texts=None,
+    *,
+    batches: list[dict] | None = None,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    final_norm: bool = False,
+    padding_side: str | None = None,
+    progress: bool = True,
+) -> np.ndarray:
     """Mean angular distance D[n, l] between x_l and x_{l+n}, n = 1..L, l = 0..L-n (NaN elsewhere).
 
     Shape [L + 1, L]. Give `tokenizer` and `texts`, or pre-encoded `batches` (see `calibration_batches`).
     """
     if batches is None:
-        batches = calibration_batches(tokenizer, texts, seq_len=seq_len, batch_size=batch_size,
-                                      padding_side=padding_side)
+        batches = calibration_batches(
+            tokenizer, texts, seq_len=seq_len, batch_size=batch_size, padding_side=padding_side
+        )
     base = model.base_model
     layers = list(decoder_layers(model))[: model.config.num_hidden_layers]
     L = len(layers)
@@ -135,6 +148,7 @@ def angular_distances(model, tokenizer=None, texts=None, *, batches: list[dict] 
     def pre_hook(l):
         def hook(_mod, args, kwargs):
             rows[l] = take(args[0] if args else kwargs["hidden_states"])
+
         return hook
 
     def post_hook(_mod, _args, out):
@@ -170,8 +184,12 @@ def angular_distances(model, tokenizer=None, texts=None, *, batches: list[dict] 
 def distances_to_json(D: np.ndarray, **extra) -> dict:
     """D as JSON: rows[n - 1] holds D[n, l] for l = 0..L-n."""
     L = D.shape[1]
-    return {"n_layers": L, "index": "rows[n-1][l] = mean d(x_l, x_{l+n})",
-            "rows": [[float(v) for v in D[n, : L - n + 1]] for n in range(1, L + 1)], **extra}
+    return {
+        "n_layers": L,
+        "index": "rows[n-1][l] = mean d(x_l, x_{l+n})",
+        "rows": [[float(v) for v in D[n, : L - n + 1]] for n in range(1, L + 1)],
+        **extra,
+    }
 
 
 def distances_from_json(obj: dict) -> np.ndarray:
@@ -213,7 +231,9 @@ def parse_layers(spec, n_layers: int) -> tuple[int, int]:
             raise ValueError(f"--layers {spec!r}: expected a-b (0-based, inclusive), e.g. 4-7")
         a, b = parts[0], parts[-1]
     if not 0 <= a <= b < n_layers:
-        raise ValueError(f"--layers {a}-{b} is out of range for a {n_layers}-layer model (valid: 0-{n_layers - 1}, a <= b)")
+        raise ValueError(
+            f"--layers {a}-{b} is out of range for a {n_layers}-layer model (valid: 0-{n_layers - 1}, a <= b)"
+        )
     return a, b
 
 
@@ -237,8 +257,15 @@ def split_bundles(dropped: list[int], n_bundles: int) -> dict[str, list[int]]:
     return {chr(ord("B") + i): [int(x) for x in p] for i, p in enumerate(parts)}
 
 
-def plan_layer_drop(config: dict, distances: np.ndarray | None = None, *, drop_frac: float = 0.25,
-                    keep_last_layer: bool = False, layers=None, n_bundles: int = 2) -> dict:
+def plan_layer_drop(
+    config: dict,
+    distances: np.ndarray | None = None,
+    *,
+    drop_frac: float = 0.25,
+    keep_last_layer: bool = False,
+    layers=None,
+    n_bundles: int = 2,
+) -> dict:
     """Pure: which block to drop and how to bundle it, as JSON. `layers` ('a-b') overrides the search."""
     fam = arch.detect(config)
     L = fam.n_layers(config)
@@ -277,14 +304,16 @@ def plan_layer_drop(config: dict, distances: np.ndarray | None = None, *, drop_f
 
 
 # ---- apply (streaming) ----------------------------------------------------------------------
-def check_targets(save_dir, save_removed_dir, overwrite: bool) -> None:
+def check_outputs(save_dir, save_removed_dir, overwrite: bool) -> None:
     """Refuse existing outputs up front (before any calibration or writing) unless overwrite."""
     a, b = Path(save_dir).resolve(), Path(save_removed_dir).resolve()
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(f"--save-dir {save_dir} and --save-removed-dir {save_removed_dir} must not contain each other")
     refuse_existing(save_dir, overwrite)
     if not overwrite and bundles.existing_bundles(b):
-        raise FileExistsError(f"{save_removed_dir} already holds bundles; pass overwrite=True (--overwrite) to replace them")
+        raise FileExistsError(
+            f"{save_removed_dir} already holds bundles; pass overwrite=True (--overwrite) to replace them"
+        )
 
 
 def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrite: bool = False) -> tuple[Path, Path]:
@@ -297,13 +326,15 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
     fam = arch.detect(src.config)
     L = fam.n_layers(src.config)
     if (plan.get("model_type"), plan.get("n_layers")) != (fam.model_type, L):
-        raise ValueError(f"plan is for a {plan.get('n_layers')}-layer {plan.get('model_type')}, "
-                         f"{src.path} is a {L}-layer {fam.model_type}")
-    check_targets(save_dir, save_removed_dir, overwrite)
+        raise ValueError(
+            f"plan is for a {plan.get('n_layers')}-layer {plan.get('model_type')}, "
+            f"{src.path} is a {L}-layer {fam.model_type}"
+        )
+    check_outputs(save_dir, save_removed_dir, overwrite)
     kept = {int(k): int(v) for k, v in plan["kept"].items()}
     new_of = {orig: new for new, orig in kept.items()}
     layer_names = [n for n in src.keys() if arch.layer_of(n) is not None]
-    missing = sorted({i for i in range(L)} - {arch.layer_of(n) for n in layer_names})
+    missing = sorted(set(range(L)) - {arch.layer_of(n) for n in layer_names})
     if missing:
         raise ValueError(f"{src.path}: no tensors for layers {missing}")
 
@@ -315,9 +346,16 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
             entries.append(copied(src, name))
         elif l in new_of:
             entries.append(copied(src, name, arch.renumber(name, new_of[l])))
-    a_dir = write_checkpoint(save_dir, entries, config=arch.keep_layers_config(src.config, list(kept.values())),
-                             side_files_from=src.path, max_shard_size=bundles.largest_shard(src), overwrite=overwrite,
-                             extra_json={bundles.RECORD: record}, desc="stage A")
+    a_dir = write_checkpoint(
+        save_dir,
+        entries,
+        config=arch.keep_layers_config(src.config, list(kept.values())),
+        side_files_from=src.path,
+        max_shard_size=bundles.largest_shard(src),
+        overwrite=overwrite,
+        extra_json={bundles.RECORD: record},
+        desc="stage A",
+    )
     b_dir = bundles.save_bundles(src, plan["bundles"], save_removed_dir, record, overwrite=overwrite)
     return a_dir, b_dir
 
@@ -327,7 +365,7 @@ def cli_layer_drop(args) -> int:
     src = local_dir(args.model)
     config = arch.read_config(src)
     L = arch.detect(config).n_layers(config)
-    check_targets(args.save_dir, args.save_removed_dir, args.overwrite)
+    check_outputs(args.save_dir, args.save_removed_dir, args.overwrite)
     D = None
     if args.layers is None:
         block_size(L, args.drop_frac)  # bad flags fail before the model loads
@@ -335,13 +373,21 @@ def cli_layer_drop(args) -> int:
         texts = calib_texts(args.calib, args.n_samples)
         D = angular_distances(model, tok, texts, seq_len=args.seq_len)
         del model
-    plan = plan_layer_drop(config, D, drop_frac=args.drop_frac, keep_last_layer=args.keep_last_layer,
-                           layers=args.layers, n_bundles=args.n_bundles)
+    plan = plan_layer_drop(
+        config,
+        D,
+        drop_frac=args.drop_frac,
+        keep_last_layer=args.keep_last_layer,
+        layers=args.layers,
+        n_bundles=args.n_bundles,
+    )
     removed = Path(args.save_removed_dir)
     write_json(removed / "plan.json", plan)  # the plan is on disk before any surgery
     a_dir, b_dir = apply_layer_drop(src, plan, args.save_dir, removed, overwrite=args.overwrite)
     a, b = plan["block"]
     sizes = ", ".join(f"{k}: {v[0]}-{v[-1]}" for k, v in plan["bundles"].items())
-    print(f"dropped layers {a}-{b} of {L} ({plan['selection']}); stage A -> {a_dir} ({L - plan['n_drop']} layers); "
-          f"bundles -> {b_dir} ({sizes})")
+    print(
+        f"dropped layers {a}-{b} of {L} ({plan['selection']}); stage A -> {a_dir} ({L - plan['n_drop']} layers); "
+        f"bundles -> {b_dir} ({sizes})"
+    )
     return 0

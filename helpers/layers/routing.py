@@ -13,25 +13,23 @@ Usage: `th = calibrate_mix(H, (0.5, 0.3, 0.2), fingerprint=fingerprint(a_dir)); 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from helpers.arch import COSMETIC_CONFIG_KEYS
-from helpers.checkpoint import Checkpoint
-from helpers.eval.engine import model_device
-from helpers.fsutil import read_json, write_json
-from helpers.layers import ensure_pad, last_token_index, positions
+from helpers.core.fsutil import read_json, write_json
+from helpers.core.models import model_device
+from helpers.core.verify import fingerprint
+from helpers.layers.drop import ensure_pad, last_token_index, positions
 
 STAGES = ("A", "AB", "FULL")
 NEVER = -1.0  # entropy is >= 0, so a threshold of -1 routes nothing to its stage
@@ -52,8 +50,9 @@ def last_token_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     dev = model_device(model)
     ids, mask = input_ids.to(dev), attention_mask.to(dev)
     last = last_token_index(mask)  # [B]
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                                 use_cache=False).last_hidden_state  # [B, T, H]
+    hidden = model.get_decoder()(
+        input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False
+    ).last_hidden_state  # [B, T, H]
     h = hidden[torch.arange(len(last), device=dev), last]  # [B, H]: only these rows go through the head
     return entropy_of_logits(model.get_output_embeddings()(h))  # [B]
 
@@ -62,7 +61,7 @@ def _batches(texts: Sequence[str], batch_size: int, desc: str):
     """(indices, texts) batches, longest first so similar lengths share a batch (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         yield idx, [texts[i] for i in idx]
 
 
@@ -77,26 +76,6 @@ def prompt_entropy(model, tokenizer, prompts: Sequence[str], *, batch_size: int 
 
 
 # ---- thresholds -----------------------------------------------------------------------------
-def fingerprint(model_dir, sample_bytes: int = 1 << 16) -> str:
-    """sha256 of a checkpoint's config and, per tensor, name, dtype, shape and first/last bytes.
-
-    Reads ~128 KiB per tensor, so it is cheap at 7B scale; healing, re-quantising or another base
-    changes it. A re-save with identical tensors keeps it.
-    """
-    ck = Checkpoint(model_dir)
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in ck.config.items() if k not in COSMETIC_CONFIG_KEYS}
-    h.update(json.dumps(cfg, sort_keys=True).encode())
-    for name in sorted(ck.keys()):
-        i = ck.info(name)
-        h.update(f"{name}|{i.dtype}|{list(i.shape)}|".encode())
-        with open(ck.path / i.shard, "rb") as f:
-            f.seek(i.start)
-            h.update(f.read(min(sample_bytes, i.nbytes)))
-            if i.nbytes > 2 * sample_bytes:
-                f.seek(i.end - sample_bytes)
-                h.update(f.read(sample_bytes))
-    return h.hexdigest()[:16]
 
 
 def _json_t(t: float):
@@ -136,14 +115,16 @@ class Thresholds:
     def save(self, path) -> Path:
         return write_json(Path(path), self.to_dict())
 
-    def check(self, fp: str, where: str = "thresholds") -> "Thresholds":
+    def check(self, fp: str, where: str = "thresholds") -> Thresholds:
         if fp != self.fingerprint:
-            raise ValueError(f"{where} were calibrated for base fingerprint {self.fingerprint}, but this stage A "
-                             f"has {fp}: recalibrate (notebook 05) for this base")
+            raise ValueError(
+                f"{where} were calibrated for base fingerprint {self.fingerprint}, but this stage A "
+                f"has {fp}: recalibrate (notebook 05) for this base"
+            )
         return self
 
     @classmethod
-    def load(cls, path, fingerprint: str | None = None) -> "Thresholds":
+    def load(cls, path, fingerprint: str | None = None) -> Thresholds:
         """Read thresholds.json; with `fingerprint`, refuse thresholds calibrated for another base."""
         p = Path(path)
         if not p.is_file():
@@ -234,8 +215,14 @@ def routed_outcome(entropies, correct: dict, layers: dict, th: Thresholds) -> di
     mix = stage_mix(route)
     # A router that ignores entropy but keeps this mix scores the mix-weighted stage accuracies.
     blind = sum(mix[st] * float(np.mean(correct[st])) for st in STAGES)
-    return {"accuracy": float(hit.mean()), "avg_layers": float(used.mean()), "blind_accuracy": blind,
-            **{f"frac_{st}": mix[st] for st in STAGES}, "t_a": _json_t(th.t_a), "t_ab": _json_t(th.t_ab)}
+    return {
+        "accuracy": float(hit.mean()),
+        "avg_layers": float(used.mean()),
+        "blind_accuracy": blind,
+        **{f"frac_{st}": mix[st] for st in STAGES},
+        "t_a": _json_t(th.t_a),
+        "t_ab": _json_t(th.t_ab),
+    }
 
 
 def sweep(entropies, correct: dict, layers: dict, n_grid: int = 21) -> pd.DataFrame:
@@ -247,8 +234,12 @@ def sweep(entropies, correct: dict, layers: dict, n_grid: int = 21) -> pd.DataFr
     h = np.asarray(entropies, dtype=np.float64)
     s, n = np.sort(h), len(h)
     ks = np.unique(np.round(np.linspace(0, n, n_grid)).astype(int))
-    rows = [routed_outcome(h, correct, layers, Thresholds(_cut(s, a), _cut(s, b), "manual", None, n, ""))
-            for a in ks for b in ks if b >= a]
+    rows = [
+        routed_outcome(h, correct, layers, Thresholds(_cut(s, a), _cut(s, b), "manual", None, n, ""))
+        for a in ks
+        for b in ks
+        if b >= a
+    ]
     df = pd.DataFrame(rows).drop_duplicates(["accuracy", "avg_layers", "frac_A", "frac_AB"]).reset_index(drop=True)
     acc, lay = df["accuracy"].to_numpy(), df["avg_layers"].to_numpy()
     beaten = [((acc >= a) & (lay <= l) & ((acc > a) | (lay < l))).any() for a, l in zip(acc, lay)]
@@ -258,10 +249,13 @@ def sweep(entropies, correct: dict, layers: dict, n_grid: int = 21) -> pd.DataFr
 
 def compare_table(entropies, correct: dict, layers: dict, named: dict[str, Thresholds]) -> pd.DataFrame:
     """Outcome of each single stage and of each named set of thresholds on the same samples."""
-    only = {f"only {st}": Thresholds(*cuts, "manual", None, 0, "")
-            for st, cuts in zip(STAGES, [(math.inf, math.inf), (NEVER, math.inf), (NEVER, NEVER)])}
-    return pd.DataFrame([{"name": k, **routed_outcome(entropies, correct, layers, th)}
-                         for k, th in {**only, **named}.items()])
+    only = {
+        f"only {st}": Thresholds(*cuts, "manual", None, 0, "")
+        for st, cuts in zip(STAGES, [(math.inf, math.inf), (NEVER, math.inf), (NEVER, NEVER)])
+    }
+    return pd.DataFrame(
+        [{"name": k, **routed_outcome(entropies, correct, layers, th)} for k, th in {**only, **named}.items()]
+    )
 
 
 def auroc(entropies, wrong) -> float:
@@ -276,8 +270,13 @@ def auroc(entropies, wrong) -> float:
 
 def correctness_frame(entropies, correct: dict) -> pd.DataFrame:
     """Long form (entropy, stage, correct) for plotting entropy by correctness."""
-    return pd.concat([pd.DataFrame({"entropy": entropies, "stage": st, "correct": np.asarray(correct[st], dtype=bool)})
-                      for st in STAGES], ignore_index=True)
+    return pd.concat(
+        [
+            pd.DataFrame({"entropy": entropies, "stage": st, "correct": np.asarray(correct[st], dtype=bool)})
+            for st in STAGES
+        ],
+        ignore_index=True,
+    )
 
 
 def n_layers(model) -> int:
@@ -305,8 +304,10 @@ class Routed:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
     def header(self) -> str:
-        return (f"stage {self.stage} | entropy {self.entropy:.4f} nats | {self.new_tokens} tokens | "
-                f"{self.tokens_per_s:.1f} tok/s | routed in {self.route_seconds * 1e3:.0f} ms")
+        return (
+            f"stage {self.stage} | entropy {self.entropy:.4f} nats | {self.new_tokens} tokens | "
+            f"{self.tokens_per_s:.1f} tok/s | routed in {self.route_seconds * 1e3:.0f} ms"
+        )
 
 
 class Router:
@@ -321,14 +322,14 @@ class Router:
             thresholds.check(fingerprint)
 
     @classmethod
-    def from_dirs(cls, a_dir, bundles_dir, thresholds=None) -> "Router":
-        """Stage A checkpoint + bundles dir (helpers.bundles layout); thresholds default to BUNDLES/thresholds.json."""
+    def from_dirs(cls, a_dir, bundles_dir, thresholds=None) -> Router:
+        """Stage A checkpoint + bundles dir (helpers.layers.bundles layout); thresholds default to BUNDLES/thresholds.json."""
         path = Path(thresholds) if thresholds else Path(bundles_dir) / THRESHOLDS_FILE
         th = Thresholds.load(path, fingerprint=fingerprint(a_dir))  # before loading weights: fail fast
         from transformers import AutoTokenizer
 
-        from helpers import bundles
-        from helpers.verify import default_device, default_dtype
+        from helpers.core.models import default_device, default_dtype
+        from helpers.layers import bundles
 
         device = default_device()
         stages = bundles.load_stages(a_dir, bundles_dir, dtype=getattr(torch, default_dtype(device)), device=device)
@@ -354,13 +355,17 @@ class Router:
         enc = self.tokenizer([prompt], return_tensors="pt").to(dev)
         _sync(dev)
         t0 = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=self.tokenizer.pad_token_id)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         _sync(dev)
         dt = time.perf_counter() - t0
-        new = out[0, enc["input_ids"].shape[1]:]
+        new = out[0, enc["input_ids"].shape[1] :]
         return Routed(prompt, stage, h, self.tokenizer.decode(new, skip_special_tokens=True), len(new), dt, t_route)
-
 
     def table(self, prompts: Sequence[str], max_new_tokens: int = 32) -> pd.DataFrame:
         """Route and answer each prompt: one row per prompt (stage, entropy, text, tokens/s)."""

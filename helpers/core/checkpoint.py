@@ -18,13 +18,14 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from helpers.fsutil import atomic_dir, write_json
+from helpers.core.fsutil import atomic_dir, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -33,16 +34,32 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Files a checkpoint carries beside its weights; config.json is written, not copied.
 SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
     "chat_template.json",
 )
 # safetensors dtype code -> (bytes per element, torch dtype name); torch is imported only when a
 # tensor is materialised, so byte-copying surgery starts in milliseconds.
 DTYPES = {
-    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
-    "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
 }
 
 
@@ -102,7 +119,9 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100 << 20:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes, file has {size})")
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors header (claims {n} bytes, file has {size})"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -127,11 +146,15 @@ def local_dir(model) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(model), allow_patterns=[
-            "*.safetensors", "*.json", "*.model", "*.jinja", "tokenizer*", "*.txt"]))
+        return Path(
+            snapshot_download(
+                str(model), allow_patterns=["*.safetensors", "*.json", "*.model", "*.jinja", "tokenizer*", "*.txt"]
+            )
+        )
     except Exception as e:  # offline, unknown repo, gated: one line naming what was asked for
-        raise FileNotFoundError(f"{model}: no such checkpoint directory, and not fetchable from the hub "
-                                f"({type(e).__name__})") from None
+        raise FileNotFoundError(
+            f"{model}: no such checkpoint directory, and not fetchable from the hub ({type(e).__name__})"
+        ) from None
 
 
 class Checkpoint:
@@ -201,7 +224,7 @@ class Checkpoint:
             self._open = (shard, safe_open(str(self.path / shard), framework="pt").__enter__())
         return self._open[1]
 
-    def get(self, name: str) -> "torch.Tensor":
+    def get(self, name: str) -> torch.Tensor:
         """One tensor, read from its shard (the only shard held open)."""
         return self._handle(self.info(name).shard).get_tensor(name)
 
@@ -209,7 +232,7 @@ class Checkpoint:
         """A lazy slice handle: `ck.get_slice(n)[e, :I]` reads only those bytes."""
         return self._handle(self.info(name).shard).get_slice(name)
 
-    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
+    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) one at a time, in shard order so each shard is opened once."""
         wanted = self.keys() if names is None else sorted(names, key=self._order)
         for n in wanted:
@@ -246,7 +269,7 @@ class Entry:
     shape: tuple[int, ...]
     shard: str | None = None
     src: tuple | None = None
-    make: Callable[[], "torch.Tensor"] | None = None
+    make: Callable[[], torch.Tensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -266,11 +289,23 @@ def copied(ck: Checkpoint, name: str, new_name: str | None = None) -> Entry:
     return Entry(new_name or name, i.dtype, i.shape, i.shard, src=(ck.path / i.shard, i.start, i.end))
 
 
-def computed(name: str, like: TensorInfo | None, make: Callable[[], "torch.Tensor"], *,
-             dtype: str | None = None, shape=None, shard: str | None = None) -> Entry:
+def computed(
+    name: str,
+    like: TensorInfo | None,
+    make: Callable[[], torch.Tensor],
+    *,
+    dtype: str | None = None,
+    shape=None,
+    shard: str | None = None,
+) -> Entry:
     """An entry materialised by `make()` at write time; dtype/shape/shard default to `like`'s."""
-    return Entry(name, dtype or like.dtype, tuple(shape if shape is not None else like.shape),
-                 shard if shard is not None else (like.shard if like else None), make=make)
+    return Entry(
+        name,
+        dtype or like.dtype,
+        tuple(shape if shape is not None else like.shape),
+        shard if shard is not None else (like.shard if like else None),
+        make=make,
+    )
 
 
 def rows_of(ck: Checkpoint, name: str, rows: list[int], new_name: str | None = None) -> Entry:
@@ -358,9 +393,19 @@ def _split(entries: list[Entry], n: int) -> list[list[Entry]]:
     return groups
 
 
-def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Checkpoint | None = None,
-                     max_shard_size=None, n_shards: int | None = None, side_files_from=None, overwrite: bool = False,
-                     extra_json: dict[str, dict] | None = None, desc: str = "write") -> Path:
+def write_checkpoint(
+    out,
+    entries: list[Entry],
+    *,
+    config: dict | None,
+    like: Checkpoint | None = None,
+    max_shard_size=None,
+    n_shards: int | None = None,
+    side_files_from=None,
+    overwrite: bool = False,
+    extra_json: dict[str, dict] | None = None,
+    desc: str = "write",
+) -> Path:
     """Write `entries` as an HF safetensors checkpoint at `out`, atomically.
 
     Mode `mirror` (default when `like` is given and no `max_shard_size`): the same shard files as
@@ -392,8 +437,10 @@ def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Ch
     total = sum(e.nbytes for e in entries)
     side = Path(side_files_from) if side_files_from else (like.path if like else None)
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as tmp, tqdm(total=total, unit="B", unit_scale=True,
-                                                          desc=f"{desc} {out.name}", leave=False) as bar:
+    with (
+        atomic_dir(out, overwrite=overwrite) as tmp,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"{desc} {out.name}", leave=False) as bar,
+    ):
         for fname, group in files:
             _write_shard(tmp / fname, group, meta, bar)
         weight_map = {e.name: fname for fname, group in files for e in group}
@@ -414,8 +461,15 @@ def write_checkpoint(out, entries: list[Entry], *, config: dict | None, like: Ch
 def copy_checkpoint(src, out, *, max_shard_size=None, overwrite: bool = False) -> Path:
     """Read `src` and write it again: mirror mode by default, `max_size` with max_shard_size."""
     ck = Checkpoint(src)
-    return write_checkpoint(out, passthrough(ck), config=ck.config or None, like=ck,
-                            max_shard_size=max_shard_size, overwrite=overwrite, desc="copy")
+    return write_checkpoint(
+        out,
+        passthrough(ck),
+        config=ck.config or None,
+        like=ck,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        desc="copy",
+    )
 
 
 # ---- command line ---------------------------------------------------------------------------

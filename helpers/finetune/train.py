@@ -1,41 +1,37 @@
-"""LoRA / QLoRA fine-tuning with peft + trl: train an adapter on a preset, merge it into a checkpoint.
+"""LoRA / QLoRA fine-tuning with peft + trl: train an adapter on a preset (merging: `finetune.merge`).
 
-Recipes live in `helpers.lora_presets` (re-exported here: `finetune.PRESETS`, `get_preset`); rows
-come from `helpers.data` ("toy", local files, hub ids) or are passed as a list / Dataset.
+Recipes live in `helpers.finetune.presets`; rows come from `helpers.core.data` ("toy", local files,
+hub ids) or are passed as a list / Dataset.
 
 QLoRA (`quantize="4bit"`): nf4, double quant, bf16 compute, `device_map="auto"` on GPUs (accelerate
 spreads a large model over all of them). bitsandbytes quantizes Linear modules only, so the fused
 expert stacks stay bf16 (bitsandbytes issue 1849): Mixtral-8x7B needs ~90 GB for its experts alone,
 i.e. two 80 GB GPUs or one H200. We also do NOT call peft's `prepare_model_for_kbit_training`,
 which upcasts every bf16 parameter (those expert stacks included) to fp32; only 1-D ones are upcast.
-Per-expert LoRA factors of an adapter are decoded by `expert_scores.expert_factors`.
+Per-expert LoRA factors of an adapter are decoded by `helpers.experts.expert_factors`.
 
-Usage: `r = train_lora("runs/toy/world/mixtral", ds, "runs/toy/01/adapter", preset="mixtral-experts", steps=20); merge_adapter("runs/toy/world/mixtral", r.adapter_dir, "runs/toy/01/merged")`
+Usage: `r = train_lora("runs/toy/world/mixtral", ds, "runs/toy/01/adapter", preset="mixtral-experts", steps=20)`
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from helpers import arch
-from helpers.checkpoint import SIDE_FILES, Checkpoint, local_dir
-from helpers.data import DEFAULT_WORLD, load_sft
-from helpers.verify import default_device
-from helpers.fsutil import atomic_dir, read_json, refuse_existing, write_json
-from helpers.lora_presets import ATTENTION, FFN, FUSED_EXPERTS, PRESETS, Preset, check_targets, get_preset, lora_config
-from helpers.synth import save_sharded
-from helpers.verify import load_check
+from helpers.core.data import DEFAULT_WORLD, load_sft
+from helpers.core.fsutil import atomic_dir, read_json, refuse_existing, write_json
+from helpers.core.models import default_device
+from helpers.finetune.presets import (
+    Preset,
+    check_lora_targets,
+    get_preset,
+    lora_config,
+)
 
-__all__ = ["ATTENTION", "FFN", "FUSED_EXPERTS", "PRESETS", "Preset", "get_preset", "lora_config",  # re-exported
-           "check_targets", "sft_dataset", "load_kwargs", "prepare_kbit", "weight_bytes", "sft_kwargs",
-           "TrainResult", "train_lora", "history_frame", "merge_adapter", "delta_summary"]
 QUANTIZE = (None, "4bit")
 
 
@@ -44,7 +40,7 @@ def sft_dataset(source, n: int | None = None, *, world=DEFAULT_WORLD, split: str
     """Training rows as a `datasets.Dataset` with a "messages" (chat) or "text" column.
 
     `source`: a Dataset or a list of row dicts (either column, `n` drawn by a seeded shuffle), or
-    anything `helpers.data.load_sft` reads ("toy" = the world's finetune/<split>.jsonl, a local
+    anything `helpers.core.data.load_sft` reads ("toy" = the world's finetune/<split>.jsonl, a local
     .jsonl/.parquet, a hub id), which gives "messages" rows.
     """
     from datasets import Dataset
@@ -74,8 +70,11 @@ def load_kwargs(quantize: str | None, dev: str | None = None) -> dict:
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return kw
 
 
@@ -101,19 +100,35 @@ def weight_bytes(model) -> dict[str, int]:
     return out
 
 
-def sft_kwargs(p: Preset, out_dir, *, quantize: str | None, dev: str, seed: int = 0,
-               logging_steps: int | None = None) -> dict:
+def sft_kwargs(
+    p: Preset, out_dir, *, quantize: str | None, dev: str, seed: int = 0, logging_steps: int | None = None
+) -> dict:
     """trl SFTConfig fields for a preset on this device (CPU: use_cpu, no bf16, no checkpointing)."""
     gpu = dev == "cuda"
     return dict(
-        output_dir=str(out_dir), max_steps=p.steps, learning_rate=p.lr, lr_scheduler_type=p.scheduler,
-        warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
-        per_device_train_batch_size=p.batch_size, per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.grad_accum, max_length=p.max_length,
-        use_cpu=not gpu, bf16=gpu or quantize is not None, activation_checkpointing=gpu,  # = gradient_checkpointing
+        output_dir=str(out_dir),
+        max_steps=p.steps,
+        learning_rate=p.lr,
+        lr_scheduler_type=p.scheduler,
+        warmup_steps=p.warmup_steps,
+        weight_decay=p.weight_decay,
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        max_length=p.max_length,
+        use_cpu=not gpu,
+        bf16=gpu or quantize is not None,
+        activation_checkpointing=gpu,  # = gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if gpu else None,
-        logging_steps=logging_steps or max(1, p.steps // 100), save_strategy="no", eval_strategy="no",
-        report_to="none", dataloader_num_workers=0, seed=seed, data_seed=seed, disable_tqdm=True)
+        logging_steps=logging_steps or max(1, p.steps // 100),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+    )
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -154,8 +169,19 @@ def _progress_callback():
     return Progress()
 
 
-def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | None = None, eval_dataset=None,
-               seed: int = 0, overwrite: bool = False, logging_steps: int | None = None, **overrides) -> TrainResult:
+def train_lora(
+    model_path,
+    dataset,
+    out_dir,
+    *,
+    preset: str,
+    quantize: str | None = None,
+    eval_dataset=None,
+    seed: int = 0,
+    overwrite: bool = False,
+    logging_steps: int | None = None,
+    **overrides,
+) -> TrainResult:
     """Train a LoRA adapter on `dataset` and save it (atomically) to `out_dir` with its log history.
 
     `model_path`: checkpoint dir or hub id. `dataset`/`eval_dataset`: anything `sft_dataset` takes.
@@ -171,7 +197,7 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
     p = get_preset(preset, **overrides)
     p = dataclasses.replace(p, warmup_steps=min(p.warmup_steps, p.steps // 10))  # what actually runs
     out_dir = refuse_existing(out_dir, overwrite)  # before minutes of training
-    check_targets(AutoConfig.from_pretrained(str(model_path)), p, where=str(model_path))
+    check_lora_targets(AutoConfig.from_pretrained(str(model_path)), p, where=str(model_path))
     kw = load_kwargs(quantize)
     dev = default_device()
     train_ds = sft_dataset(dataset, seed=seed)
@@ -193,8 +219,14 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
         bars = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()  # four map() bars per dataset otherwise
         try:
-            trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                 processing_class=tok, peft_config=lora_config(p))
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=train_ds,
+                eval_dataset=eval_ds,
+                processing_class=tok,
+                peft_config=lora_config(p),
+            )
         finally:
             if bars:
                 datasets.enable_progress_bars()
@@ -213,12 +245,24 @@ def train_lora(model_path, dataset, out_dir, *, preset: str, quantize: str | Non
             history.insert(0, {"step": 0, "eval_loss": metrics["eval_loss_before"]})
         n_train = sum(q.numel() for q in peft_model.parameters() if q.requires_grad)
         losses = [h["loss"] for h in history if "loss" in h]
-        metrics.update(train_loss=out.training_loss, first_loss=losses[0] if losses else None,
-                       final_loss=losses[-1] if losses else None, runtime_s=out.metrics.get("train_runtime"),
-                       trainable_params=n_train, train_rows=len(train_ds), weight_bytes=bytes_by_dtype,
-                       device=dev, quantize=quantize)
-        info = {"model": str(model_path), "preset_name": preset, "preset": dataclasses.asdict(p), "seed": seed,
-                "metrics": metrics}
+        metrics.update(
+            train_loss=out.training_loss,
+            first_loss=losses[0] if losses else None,
+            final_loss=losses[-1] if losses else None,
+            runtime_s=out.metrics.get("train_runtime"),
+            trainable_params=n_train,
+            train_rows=len(train_ds),
+            weight_bytes=bytes_by_dtype,
+            device=dev,
+            quantize=quantize,
+        )
+        info = {
+            "model": str(model_path),
+            "preset_name": preset,
+            "preset": dataclasses.asdict(p),
+            "seed": seed,
+            "metrics": metrics,
+        }
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             peft_model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
@@ -233,66 +277,13 @@ def history_frame(log_history):
 
     if not isinstance(log_history, list):
         log_history = read_json(Path(log_history) / "log_history.json")
-    rows = [{"step": h["step"], "metric": name, "value": h[key]}
-            for h in log_history for key, name in (("loss", "train loss"), ("eval_loss", "eval loss")) if key in h]
+    rows = [
+        {"step": h["step"], "metric": name, "value": h[key]}
+        for h in log_history
+        for key, name in (("loss", "train loss"), ("eval_loss", "eval loss"))
+        if key in h
+    ]
     return pd.DataFrame(rows, columns=["step", "metric", "value"])
 
 
 # ---- merging --------------------------------------------------------------------------------
-def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_shards: int | None = None) -> Path:
-    """Fold a LoRA adapter into its base: a standalone HF checkpoint with legacy expert keys.
-
-    `base_dir`: a checkpoint dir or hub id (resolved to its local snapshot). Loads the base
-    unquantized in its own dtype on CPU (Mixtral-8x7B bf16: ~95 GB of RAM), refusing one with
-    missing or unexpected keys, merges with peft's merge_and_unload (safe_merge: NaNs raise), saves
-    in about as many shards as the base has (or `n_shards`) with its tokenizer files, atomically.
-    """
-    from peft import PeftModel
-
-    adapter_dir, out_dir = Path(adapter_dir), refuse_existing(out_dir, overwrite)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
-    base_dir = local_dir(base_dir)
-    base = load_check(base_dir, dtype="auto", own=False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_sharded(model, tmp, n_shards or len(Checkpoint(base_dir).shards))
-        for f in SIDE_FILES:  # tokenizer and chat template travel with the weights
-            if (base_dir / f).exists() and not (tmp / f).exists():  # keep what save_pretrained wrote
-                shutil.copy2(base_dir / f, tmp / f)
-    return out_dir
-
-
-def _kind(name: str) -> str:
-    """attention, expert w1/w2/w3, router, ffn or other, for a tensor of a saved (legacy-key) checkpoint."""
-    if m := arch.LEGACY_EXPERT_RE.match(name):
-        return f"expert {m.group(3)}"
-    if "block_sparse_moe.gate" in name or name.endswith("mlp.gate.weight"):
-        return "router"
-    if re.search(r"self_attn\.[qkvo]_proj", name):
-        return "attention"
-    if re.search(r"mlp\.(gate|up|down)_proj", name):
-        return "ffn"
-    return "other"
-
-
-def delta_summary(base_dir, merged_dir):
-    """Per tensor kind (attention, expert w1/w2/w3, router, ffn, other): how many changed, relative delta.
-
-    Streams both checkpoints one tensor at a time; rel = ||W_merged - W_base|| / ||W_base||.
-    `base_dir`: a checkpoint dir or hub id (its local snapshot is read).
-    """
-    import pandas as pd
-
-    rows = []
-    with Checkpoint(local_dir(base_dir)) as a, Checkpoint(merged_dir) as b:
-        for n, wa in a.iter():
-            if n not in b:
-                continue
-            wa = wa.float()
-            d = (b.get(n).float() - wa).norm().item()
-            rows.append({"kind": _kind(n), "tensor": n, "changed": d > 0, "rel_delta": d / max(wa.norm().item(), 1e-12)})
-    df = pd.DataFrame(rows)
-    return (df.groupby("kind").agg(tensors=("tensor", "size"), changed=("changed", "sum"),
-                                   mean_rel_delta=("rel_delta", "mean"), max_rel_delta=("rel_delta", "max"))
-            .reset_index())

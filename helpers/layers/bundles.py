@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from helpers import arch
-from helpers.checkpoint import Checkpoint, Entry, computed, copied, torch_dtype, write_checkpoint
-from helpers.fsutil import read_json, write_json
-from helpers.verify import load_check
+from helpers.core import arch
+from helpers.core.checkpoint import Checkpoint, Entry, computed, copied, torch_dtype, write_checkpoint
+from helpers.core.fsutil import read_json, write_json
+from helpers.core.models import load_check
 
 RECORD = "layer_drop.json"
 BUNDLE = "bundle.json"
@@ -69,9 +69,12 @@ def embed_sha256(ck: Checkpoint) -> str | None:
     return hashlib.sha256(rows.numpy().tobytes()).hexdigest()
 
 
-def fingerprint(ck: Checkpoint) -> dict:
-    return {"model_type": arch.detect(ck.config).model_type, "config_sha256": config_sha256(ck.config),
-            "embed_sha256": embed_sha256(ck)}
+def base_identity(ck: Checkpoint) -> dict:
+    return {
+        "model_type": arch.detect(ck.config).model_type,
+        "config_sha256": config_sha256(ck.config),
+        "embed_sha256": embed_sha256(ck),
+    }
 
 
 def _same_base(a: dict, b: dict) -> bool:
@@ -93,11 +96,26 @@ def largest_shard(ck: Checkpoint) -> int:
 
 def stage_record(src: Checkpoint, plan: dict) -> dict:
     """The record stage A and the bundles directory carry (what rebuilding a stage needs)."""
-    keys = ("n_layers", "kept", "dropped", "block", "bundles", "selection", "drop_frac", "keep_last_layer",
-            "block_distance", "distances")
-    return {"format": RECORD_FORMAT, "model_type": plan["model_type"], "n_layers_a": len(plan["kept"]),
-            **{k: plan.get(k) for k in keys}, "base": {**fingerprint(src), "path": str(src.path)},
-            "base_config": src.config}
+    keys = (
+        "n_layers",
+        "kept",
+        "dropped",
+        "block",
+        "bundles",
+        "selection",
+        "drop_frac",
+        "keep_last_layer",
+        "block_distance",
+        "distances",
+    )
+    return {
+        "format": RECORD_FORMAT,
+        "model_type": plan["model_type"],
+        "n_layers_a": len(plan["kept"]),
+        **{k: plan.get(k) for k in keys},
+        "base": {**base_identity(src), "path": str(src.path)},
+        "base_config": src.config,
+    }
 
 
 def existing_bundles(path) -> list[Path]:
@@ -124,11 +142,25 @@ def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dic
     for name, layers in groups.items():
         entries = [copied(src, n) for n in src.keys() if arch.layer_of(n) in set(layers)]
         dtypes = sorted({e.dtype for e in entries})
-        meta = {"format": BUNDLE_FORMAT, "name": name, "model_type": base["model_type"], "layers": list(layers),
-                "n_layers_base": arch.detect(src.config).n_layers(src.config), "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-                "n_tensors": len(entries), "base": base}
-        write_checkpoint(out / name, entries, config=None, n_shards=1, overwrite=overwrite, extra_json={BUNDLE: meta},
-                         desc=f"bundle {name}")
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "name": name,
+            "model_type": base["model_type"],
+            "layers": list(layers),
+            "n_layers_base": arch.detect(src.config).n_layers(src.config),
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "n_tensors": len(entries),
+            "base": base,
+        }
+        write_checkpoint(
+            out / name,
+            entries,
+            config=None,
+            n_shards=1,
+            overwrite=overwrite,
+            extra_json={BUNDLE: meta},
+            desc=f"bundle {name}",
+        )
     write_json(out / RECORD, record)
     return out
 
@@ -142,8 +174,9 @@ def read_record(a_dir, bundles_dir) -> dict:
             if rec.get("format") != RECORD_FORMAT:
                 raise ValueError(f"{p}: not a layer-drop record (format {rec.get('format')!r})")
             return rec
-    raise FileNotFoundError(f"neither {Path(a_dir) / RECORD} nor {Path(bundles_dir) / RECORD}: "
-                            "not the output of layer-drop")
+    raise FileNotFoundError(
+        f"neither {Path(a_dir) / RECORD} nor {Path(bundles_dir) / RECORD}: not the output of layer-drop"
+    )
 
 
 def bundle_names(record: dict) -> list[str]:
@@ -176,19 +209,25 @@ def default_stages(record: dict) -> list[str]:
 def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str, a_fp: dict | None = None) -> dict:
     """bundle.json of bundle `name`, checked against stage A (model type, base, layers).
 
-    `a_fp`: `fingerprint(a)` when the caller already has it (it reads embedding rows).
+    `a_fp`: `base_identity(a)` when the caller already has it (it reads embedding rows).
     """
     bdir = Path(bundles_dir) / name
     if not (bdir / BUNDLE).exists():
-        raise FileNotFoundError(f"{bdir}: no {BUNDLE} (bundles there: {[p.name for p in existing_bundles(bundles_dir)]})")
+        raise FileNotFoundError(
+            f"{bdir}: no {BUNDLE} (bundles there: {[p.name for p in existing_bundles(bundles_dir)]})"
+        )
     meta = read_json(bdir / BUNDLE)
-    a_fp = a_fp or fingerprint(a)
+    a_fp = a_fp or base_identity(a)
     if meta.get("model_type") != a_fp["model_type"]:
-        raise ValueError(f"bundle {bdir} holds {meta.get('model_type')!r} layers but stage A {a.path} is a "
-                         f"{a_fp['model_type']!r} model")
+        raise ValueError(
+            f"bundle {bdir} holds {meta.get('model_type')!r} layers but stage A {a.path} is a "
+            f"{a_fp['model_type']!r} model"
+        )
     if not _same_base(meta.get("base", {}), a_fp):
-        raise ValueError(f"bundle {bdir} was cut from another base ({_short(meta.get('base', {}))}, from "
-                         f"{meta.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
+        raise ValueError(
+            f"bundle {bdir} was cut from another base ({_short(meta.get('base', {}))}, from "
+            f"{meta.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})"
+        )
     if list(meta["layers"]) != list(record["bundles"].get(name, [])):
         raise ValueError(f"bundle {bdir} holds layers {meta['layers']}, the record says {record['bundles'].get(name)}")
     return meta
@@ -196,18 +235,20 @@ def check_bundle(a: Checkpoint, record: dict, bundles_dir, name: str, a_fp: dict
 
 def check_stage_a(a: Checkpoint, record: dict, a_fp: dict | None = None) -> None:
     """Stage A is the model the record describes: same base, as many layers as it keeps."""
-    a_fp = a_fp or fingerprint(a)
+    a_fp = a_fp or base_identity(a)
     if not _same_base(record.get("base", {}), a_fp):
-        raise ValueError(f"{RECORD} describes another base ({_short(record.get('base', {}))}, from "
-                         f"{record.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})")
+        raise ValueError(
+            f"{RECORD} describes another base ({_short(record.get('base', {}))}, from "
+            f"{record.get('base', {}).get('path')}) than stage A {a.path} ({_short(a_fp)})"
+        )
     n_a = arch.detect(a.config).n_layers(a.config)
     if n_a != len(record["kept"]):
         raise ValueError(f"stage A {a.path} has {n_a} layers, {RECORD} keeps {len(record['kept'])}")
 
 
 def check_inputs(a: Checkpoint, record: dict, bundles_dir, names: list[str]) -> None:
-    """Every check before any weight is read: the bundles `names`, then stage A, against one fingerprint of A."""
-    a_fp = fingerprint(a)
+    """Every check before any weight is read: the bundles `names`, then stage A, against one base identity of A."""
+    a_fp = base_identity(a)
     for b in names:
         check_bundle(a, record, bundles_dir, b, a_fp)
     check_stage_a(a, record, a_fp)
@@ -247,9 +288,11 @@ def _memory_names(fam: arch.Family, sd: dict[str, torch.Tensor], layer: int) -> 
                 w[int(m.group(2)), m.group(3)] = sd.pop(k)  # [I, H] or [H, I]
         E = 1 + max(e for e, _ in w)
         sd[prefix + "mlp.gate.weight"] = sd.pop(router)  # [E, H]
-        sd[prefix + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat([w[e, "w1"], w[e, "w3"]]) for e in range(E)])  # [E, 2I, H]
+        sd[prefix + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([w[e, "w1"], w[e, "w3"]]) for e in range(E)]
+        )  # [E, 2I, H]
         sd[prefix + "mlp.experts.down_proj"] = torch.stack([w[e, "w2"] for e in range(E)])  # [E, H, I]
-    return {k[len(prefix):]: v for k, v in sd.items()}
+    return {k[len(prefix) :]: v for k, v in sd.items()}
 
 
 def _load_bundle_layers(bdir: Path, layer_cls, config, dtype, device) -> dict[int, nn.Module]:
@@ -280,6 +323,7 @@ def _renumber_hook(layers: list[nn.Module]):
     def hook(_module, _args):
         for m, pos in pairs:
             m.layer_idx = pos
+
     return hook
 
 
@@ -318,8 +362,9 @@ def _share_output_hooks(models: list, all_layers: list[nn.Module], a_model) -> N
         m.base_model._output_capturing_hooks_installed = True
 
 
-def load_stages(a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=torch.float32, device=None,
-                own: bool = True) -> dict:
+def load_stages(
+    a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=torch.float32, device=None, own: bool = True
+) -> dict:
     """{"A", "AB", ..., "FULL"} (or the `stages` asked for) as models sharing module weights.
 
     Loads stage A once (`verify.load_check`: fails on missing keys; `own` copies the weights
@@ -336,7 +381,9 @@ def load_stages(a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=to
     by_orig = {int(orig): a_layers[int(new)] for new, orig in record["kept"].items()}
     full_cfg = _stage_config_object(a_model.config, record, stage_layers(record, "FULL"))
     for b in need:
-        by_orig.update(_load_bundle_layers(Path(bundles_dir) / b, type(a_layers[0]), full_cfg, first.dtype, first.device))
+        by_orig.update(
+            _load_bundle_layers(Path(bundles_dir) / b, type(a_layers[0]), full_cfg, first.dtype, first.device)
+        )
     out = {}
     for s in stages:
         layers = [by_orig[l] for l in stage_layers(record, s)]
@@ -377,17 +424,33 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
             p = pos[arch.layer_of(name)]
             info = bck.info(name)
             if a_dtype and info.dtype != a_dtype:  # A was re-saved in another dtype (e.g. healed): match it
-                ent = computed(arch.renumber(name, p), info, (lambda c=bck, n=name, d=torch_dtype(a_dtype): c.get(n).to(d)),
-                               dtype=a_dtype)
+                ent = computed(
+                    arch.renumber(name, p),
+                    info,
+                    (lambda c=bck, n=name, d=torch_dtype(a_dtype): c.get(n).to(d)),
+                    dtype=a_dtype,
+                )
             else:
                 ent = copied(bck, name, arch.renumber(name, p))
             sources.append((p, ent))
     entries = [e for _, e in sorted(sources, key=lambda s: s[0])]
-    info = {"stage": stage, "layers": layers, "bundles": bnames, "base": record["base"],
-            "from": {"stage_a": str(a.path), "bundles": str(bundles_dir)}}
-    return write_checkpoint(out, entries, config=stage_config(a.config, record, layers), side_files_from=a.path,
-                            max_shard_size=largest_shard(a), overwrite=overwrite, extra_json={STAGE: info},
-                            desc=f"assemble {stage}")
+    info = {
+        "stage": stage,
+        "layers": layers,
+        "bundles": bnames,
+        "base": record["base"],
+        "from": {"stage_a": str(a.path), "bundles": str(bundles_dir)},
+    }
+    return write_checkpoint(
+        out,
+        entries,
+        config=stage_config(a.config, record, layers),
+        side_files_from=a.path,
+        max_shard_size=largest_shard(a),
+        overwrite=overwrite,
+        extra_json={STAGE: info},
+        desc=f"assemble {stage}",
+    )
 
 
 def cli_assemble(args) -> int:

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from helpers import arch
-from helpers.experts import ExpertView, check_fingerprint, fingerprint
-from helpers.fsutil import read_json, write_json
+from helpers.core import arch
+from helpers.core.fsutil import read_json, write_json
+from helpers.experts.view import ExpertView, check_expert_layout, expert_layout
 
 WEIGHTS = arch.EXPERT_WEIGHTS  # w1 gate [I, H], w2 down [H, I], w3 up [I, H]
 BLOCK_BYTES = 64 << 20  # float32 working set of one streamed block
@@ -40,7 +40,7 @@ def _combine(parts: dict[str, np.ndarray]) -> dict[str, list]:
 def delta_from_checkpoints(base, tuned, block_bytes: int = BLOCK_BYTES) -> dict[str, list]:
     """||W_tuned - W_base||_F per (layer, expert) for w1, w2, w3 and combined, streamed row blocks."""
     a, b = ExpertView(base), ExpertView(tuned)
-    check_fingerprint(fingerprint(a.config), b.config, f"{a.ck.path} (base)")
+    check_expert_layout(expert_layout(a.config), b.config, f"{a.ck.path} (base)")
     sq = {w: np.zeros((a.n_layers, a.n_experts)) for w in WEIGHTS}
     steps = [(l, e, w) for l in range(a.n_layers) for e in range(a.n_experts) for w in WEIGHTS]
     for l, e, w in tqdm(steps, desc="delta-L2 (checkpoints)", leave=False):
@@ -103,8 +103,10 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
     adapter_dir = Path(adapter_dir)
     cfg = read_json(adapter_dir / "adapter_config.json")
     if cfg.get("use_dora") or cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{adapter_dir}: only plain LoRA adapters are supported (peft_type {cfg.get('peft_type')}, "
-                         f"use_dora {cfg.get('use_dora')}): their delta is not scaling * B @ A")
+        raise ValueError(
+            f"{adapter_dir}: only plain LoRA adapters are supported (peft_type {cfg.get('peft_type')}, "
+            f"use_dora {cfg.get('use_dora')}): their delta is not scaling * B @ A"
+        )
     v = _shape_of(config)
     L, E, H, I = v["n_layers"], v["n_experts"], v["hidden"], v["inter"]
     groups: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -114,8 +116,10 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
         elif m := _LEGACY_LORA.match(k):
             groups.setdefault(("legacy", int(m.group(1)), int(m.group(2)), m.group(3)), {})[m.group(4)] = t
     if not groups:
-        raise ValueError(f"{adapter_dir}: no LoRA factors on experts (expected target_parameters "
-                         "mlp.experts.gate_up_proj/down_proj or per-expert w1/w2/w3 modules)")
+        raise ValueError(
+            f"{adapter_dir}: no LoRA factors on experts (expected target_parameters "
+            "mlp.experts.gate_up_proj/down_proj or per-expert w1/w2/w3 modules)"
+        )
     out: dict[tuple[int, int, str], ExpertLoRA] = {}
     for key, f in groups.items():
         if set(f) != {"A", "B"}:
@@ -130,7 +134,9 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
             out[(layer, e, w)] = ExpertLoRA(B, A, _scaling(module, A.shape[0], cfg))
             continue
         if A.shape[0] % E:
-            raise ValueError(f"{adapter_dir}: layer {layer} expert LoRA A has {A.shape[0]} rows, not a multiple of {E} experts")
+            raise ValueError(
+                f"{adapter_dir}: layer {layer} expert LoRA A has {A.shape[0]} rows, not a multiple of {E} experts"
+            )
         r = A.shape[0] // E
         fan_in, fan_out = A.shape[1], B.shape[0]
         if (fan_in, fan_out) == (H, 2 * I):
@@ -138,8 +144,10 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
         elif (fan_in, fan_out) == (I, H):
             roles = [("w2", slice(None))]  # down_proj
         else:
-            raise ValueError(f"{adapter_dir}: layer {layer} expert LoRA maps {fan_in} -> {fan_out}, neither gate_up_proj "
-                             f"({H} -> {2 * I}) nor down_proj ({I} -> {H}) of this model")
+            raise ValueError(
+                f"{adapter_dir}: layer {layer} expert LoRA maps {fan_in} -> {fan_out}, neither gate_up_proj "
+                f"({H} -> {2 * I}) nor down_proj ({I} -> {H}) of this model"
+            )
         s = _scaling(f"model.layers.{layer}.mlp.experts", r, cfg)
         A_e = A.reshape(E, r, fan_in)  # [E, r, in]
         B_e = B.reshape(fan_out, r, E)  # [out, r, E]
@@ -154,14 +162,18 @@ def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
     v = _shape_of(config)
     sq = {w: np.zeros((v["n_layers"], v["n_experts"])) for w in WEIGHTS}
     for (layer, e, w), f in expert_factors(adapter_dir, config).items():
-        sq[w][layer, e] = f.scaling ** 2 * _gram_norm2(f.B, f.A)
+        sq[w][layer, e] = f.scaling**2 * _gram_norm2(f.B, f.A)
     return _combine(sq)
 
 
 def _shape_of(config: dict) -> dict:
-    fp = fingerprint(config)
-    return {"n_layers": fp["n_layers"], "n_experts": fp["n_experts"], "hidden": int(config["hidden_size"]),
-            "inter": int(config["intermediate_size"])}
+    fp = expert_layout(config)
+    return {
+        "n_layers": fp["n_layers"],
+        "n_experts": fp["n_experts"],
+        "hidden": int(config["hidden_size"]),
+        "inter": int(config["intermediate_size"]),
+    }
 
 
 def max_rel_diff(a, b) -> float:
@@ -184,7 +196,9 @@ def expert_distances(model, block_bytes: int = BLOCK_BYTES, relative: bool = Fal
         G = torch.zeros(v.n_experts, v.n_experts, dtype=torch.float64)
         for w in WEIGHTS:
             for rows in v.row_blocks(w, block_bytes, v.n_experts):
-                X = torch.stack([v.read(l, e, w, rows).float().reshape(-1) for e in range(v.n_experts)])  # [E, rows*cols]
+                X = torch.stack(
+                    [v.read(l, e, w, rows).float().reshape(-1) for e in range(v.n_experts)]
+                )  # [E, rows*cols]
                 G += (X @ X.T).double()
         n = G.diagonal()
         D = (n[:, None] + n[None, :] - 2 * G).clamp_min(0).sqrt().fill_diagonal_(0)  # [E, E]
@@ -246,6 +260,7 @@ def router_stats(model, tokenizer, texts: list[str], *, max_length: int = 256, b
                 norms = _expert_out(blk.experts, j, x[t]).float().norm(dim=-1)
                 reap[layer, j] += float((weights[t, slot].float() * norms).double().sum())
                 count[layer, j] += len(t)
+
         return fn
 
     handles = [blk.gate.register_forward_hook(hook(i, blk)) for i, blk in enumerate(blocks)]
@@ -254,8 +269,9 @@ def router_stats(model, tokenizer, texts: list[str], *, max_length: int = 256, b
     device = next(model.parameters()).device
     try:
         for i in tqdm(range(0, len(texts), batch_size), desc="router stats", leave=False):
-            enc = tokenizer(texts[i: i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length).to(device)
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            ).to(device)
             state["mask"] = enc["attention_mask"].reshape(-1).bool()
             state["tokens"] += int(state["mask"].sum())
             model(**enc)
@@ -263,7 +279,11 @@ def router_stats(model, tokenizer, texts: list[str], *, max_length: int = 256, b
         for h in handles:
             h.remove()
     n = max(1, state["tokens"])
-    return {"frequency": (count / n).tolist(), "reap": (reap / count.clamp_min(1)).tolist(), "n_tokens": state["tokens"]}
+    return {
+        "frequency": (count / n).tolist(),
+        "reap": (reap / count.clamp_min(1)).tolist(),
+        "n_tokens": state["tokens"],
+    }
 
 
 def random_scores(n_layers: int, n_experts: int, seed: int = 0) -> list[list[float]]:
@@ -283,16 +303,25 @@ def collect_criteria(delta: dict, routing: dict | None, distances: dict, seed: i
 
 
 # ---- scores.json ------------------------------------------------------------------------------
-def make_scores(config: dict, criteria: dict[str, list], *, distances: dict | None = None, meta: dict | None = None) -> dict:
+def make_scores(
+    config: dict, criteria: dict[str, list], *, distances: dict | None = None, meta: dict | None = None
+) -> dict:
     """scores.json content: the model fingerprint, [L][E] criteria (higher = keep), distances."""
-    fp = fingerprint(config)
+    fp = expert_layout(config)
     for name, grid in criteria.items():
         shape = np.asarray(grid).shape
         if shape != (fp["n_layers"], fp["n_experts"]):
-            raise ValueError(f"criterion {name!r} has shape {shape}, model has {fp['n_layers']} layers x {fp['n_experts']} experts")
-    return {"fingerprint": fp, "top_k": int(config["num_experts_per_tok"]), "higher_is_more_important": True,
-            "criteria": {k: np.asarray(v, float).tolist() for k, v in criteria.items()},
-            "distances": distances or {}, "meta": meta or {}}
+            raise ValueError(
+                f"criterion {name!r} has shape {shape}, model has {fp['n_layers']} layers x {fp['n_experts']} experts"
+            )
+    return {
+        "fingerprint": fp,
+        "top_k": int(config["num_experts_per_tok"]),
+        "higher_is_more_important": True,
+        "criteria": {k: np.asarray(v, float).tolist() for k, v in criteria.items()},
+        "distances": distances or {},
+        "meta": meta or {},
+    }
 
 
 def save_scores(path, scores: dict) -> Path:
@@ -327,13 +356,19 @@ def finetune_sources(manifest: dict, base_model: str | None = None) -> dict[str,
     The base is 01's input "base" (unless `base_model` is given); the world is its input "world", so
     calibration on "toy" reads the world 01 fine-tuned in (the default world if 01 recorded none).
     """
-    from helpers.data import DEFAULT_WORLD
-    from helpers.manifest import output_path
+    from helpers.core.data import DEFAULT_WORLD
+    from helpers.core.manifest import output_path
 
     inputs = manifest.get("inputs", {})
     if base_model is None:
         if "base" not in inputs:
-            raise KeyError(f"manifest of step {manifest.get('step')!r} names no base model (input 'base'); pass BASE_MODEL")
+            raise KeyError(
+                f"manifest of step {manifest.get('step')!r} names no base model (input 'base'); pass BASE_MODEL"
+            )
         base_model = inputs["base"]["path"]
-    return {"adapter": str(output_path(manifest, "adapter")), "merged": str(output_path(manifest, "merged")),
-            "base": str(base_model), "world": str(inputs["world"]["path"]) if "world" in inputs else DEFAULT_WORLD}
+    return {
+        "adapter": str(output_path(manifest, "adapter")),
+        "merged": str(output_path(manifest, "merged")),
+        "base": str(base_model),
+        "world": str(inputs["world"]["path"]) if "world" in inputs else DEFAULT_WORLD,
+    }
