@@ -1,4 +1,6 @@
 # Two commands: `make demo` and `make test`. Everything installs into .venv on first use.
+# `make test` lints (ruff check, ruff format --check; config in pyproject.toml) before pytest, so CI
+# fails on a lint error; `$(VENV)/bin/pre-commit install` runs the same checks on every commit.
 PRESET ?= toy
 ONLY ?=
 PY ?= python3.11
@@ -7,11 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KERNEL := pruning-lab
 
-.PHONY: demo test lab install bench clean-runs help
+.PHONY: demo test lint lab install bench clean-runs help
 
 help:
 	@echo "make demo [PRESET=toy|gpu] [ONLY=03,04]   build the toy world, run notebooks 01-06"
-	@echo "make test                               install if needed, run pytest"
+	@echo "make test                               install if needed, lint (ruff), run pytest"
+	@echo "make lint                               ruff check and ruff format --check only"
 	@echo "make lab                                JupyterLab on the '$(KERNEL)' kernel"
 	@echo "make bench                              performance ratios (bench/)"
 
@@ -32,7 +35,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m helpers run --preset $(PRESET) $(if $(ONLY),--only $(ONLY),)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 lab: $(STAMP)

@@ -113,8 +113,9 @@ def bench(args) -> int:
                     shutil.rmtree(copy)
             rows.append(row)
             print(
-                f"round {r}: prune {row['prune_s']:.2f} s (+ {row['import_s']:.2f} s import; process {row['wall_s']:.2f} s,"
-                f" peak RSS {row['rss'] / 1e6:.0f} MB) | cp -r {row['cp_s']:.2f} s, + fsync {row['cp_fsync_s']:.2f} s"
+                f"round {r}: prune {row['prune_s']:.2f} s (+ {row['import_s']:.2f} s import;"
+                f" process {row['wall_s']:.2f} s, peak RSS {row['rss'] / 1e6:.0f} MB)"
+                f" | cp -r {row['cp_s']:.2f} s, + fsync {row['cp_fsync_s']:.2f} s"
                 + ("  [dropped]" if r == 0 and args.rounds > 1 else "")
             )
         kept = rows[1:] or rows
@@ -141,10 +142,12 @@ def bench(args) -> int:
         )
         print(
             f"prune / plain cp -r time: {result['prune_over_cp']:.2f} (cp leaves its copy in dirty page cache); "
-            f"whole prune process incl. Python start-up / cp+fsync: {result['process_over_cp'] * result['cp_s'] / result['cp_fsync_s']:.2f}"
+            "whole prune process incl. Python start-up / cp+fsync: "
+            f"{result['process_over_cp'] * result['cp_s'] / result['cp_fsync_s']:.2f}"
         )
         print(
-            f"peak RSS / checkpoint bytes: {result['peak_rss_over_checkpoint']:.3f} ({result['peak_rss_mb']:.0f} MB)  target < 0.10"
+            f"peak RSS / checkpoint bytes: {result['peak_rss_over_checkpoint']:.3f}"
+            f" ({result['peak_rss_mb']:.0f} MB)  target < 0.10"
         )
         return 0
     finally:

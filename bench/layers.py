@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import cp_cmd, timed  # noqa: E402
 from helpers.core.checkpoint import Checkpoint  # noqa: E402
 from helpers.core.fsutil import dir_bytes  # noqa: E402
-from helpers.layers import bundles  # noqa: E402
+from helpers.layers import bundles, distance  # noqa: E402
 from helpers.layers import drop as layers  # noqa: E402
 from helpers.toy import synth  # noqa: E402
 
@@ -75,7 +75,7 @@ def best_of(fns: dict, repeats: int) -> dict[str, float]:
 # ---- 1. calibration overhead ----------------------------------------------------------------
 @torch.no_grad()
 def bench_calibration(model, tok, n_texts: int, seq_len: int, batch_size: int, repeats: int) -> dict:
-    batches = layers.calibration_batches(tok, texts(n_texts, seq_len), seq_len=seq_len, batch_size=batch_size)
+    batches = distance.calibration_batches(tok, texts(n_texts, seq_len), seq_len=seq_len, batch_size=batch_size)
 
     def plain_decoder():
         for b in batches:
@@ -87,7 +87,7 @@ def bench_calibration(model, tok, n_texts: int, seq_len: int, batch_size: int, r
 
     t = best_of(
         {
-            "calibration": lambda: layers.angular_distances(model, batches=batches, progress=False),
+            "calibration": lambda: distance.angular_distances(model, batches=batches, progress=False),
             "forward_decoder": plain_decoder,
             "forward_with_lm_head": plain_full,
         },
@@ -160,7 +160,7 @@ if what == "drop":
 elif what == "assemble":
     bundles.assemble(a, r, "FULL", full, overwrite=True)
 elif what == "copy":  # the foundation's streaming copy, the same writer with nothing to change
-    from helpers.core.checkpoint import copy_checkpoint
+    from helpers.core.writer import copy_checkpoint
     copy_checkpoint(src, full, overwrite=True)
 dt = time.perf_counter() - t
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec

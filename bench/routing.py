@@ -95,7 +95,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; Mistral-shaped hidden {args.hidden}, vocab {args.vocab}, layers {layers}, {dtype}")
     print(
-        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.reps}; router {router.thresholds.method}"
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median of {args.reps};"
+        f" router {router.thresholds.method}"
     )
     print(f"entropy pass on A: {med['entropy'] * 1e3:.1f} ms")
     for st in routing.STAGES:
@@ -106,7 +107,8 @@ def main() -> None:
     )
     print(f"routed to A, end to end: FULL time / (entropy + A time) = {med['FULL'] / (med['entropy'] + med['A']):.3f}")
     print(
-        f"routed to FULL, end to end: (entropy + FULL time) / FULL time = {(med['entropy'] + med['FULL']) / med['FULL']:.3f}"
+        "routed to FULL, end to end: (entropy + FULL time) / FULL time = "
+        f"{(med['entropy'] + med['FULL']) / med['FULL']:.3f}"
     )
 
 

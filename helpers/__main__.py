@@ -1,4 +1,7 @@
-"""`python -m helpers <command>`: see helpers/cli.py."""
+"""`python -m helpers <command>`: the command line of helpers/cli.py as a module.
+
+Usage: `python -m helpers --help`, `python -m helpers run --preset toy`
+"""
 
 from helpers.cli import main
 

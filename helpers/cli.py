@@ -1,6 +1,6 @@
 """Command line: `python -m helpers <command>`; every command is a thin call into one module.
 
-Usage: `python -m helpers --help`, `python -m helpers run --preset toy --only 03,04`
+Usage: `python -m helpers --help`, `python -m helpers run --preset toy --only 03,04`, `python -m helpers step 04`
 
 Arguments are declared here, handlers live in their modules as `cli_<name>(args) -> int` and are
 imported only when their command runs, so `--help` stays instant (no torch import).
@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--no-html", action="store_true", help="skip the HTML renders")
 
     p = cmd(
+        "step",
+        "helpers.runner:cli_step",
+        "run one step's function (what notebook NN's Run cell calls) with the parameters `run` would give it",
+    )
+    p.add_argument("step", metavar="NN", help="notebook number: 01 finetune ... 06 benchmarks")
+    _opt(p, "--preset", default="toy", help="configs/<preset>.yaml (default: toy)")
+    _opt(p, "--out", default=None, help="run root, relative to the repo root (default: runs/<preset>)")
+    _opt(
+        p,
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter of this step (YAML value), e.g. DROP_FRAC=0.5; repeatable",
+    )
+
+    p = cmd(
         "toy", "helpers.toy.world:cli_toy", "the toy world: tiny trained Mixtral and Mistral plus an MMLU-Pro-style set"
     )
     p.add_argument("action", choices=["build"], help="build (cached: rebuilt only when spec or seed change)")
@@ -57,32 +74,48 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--force", action="store_true", help="rebuild even if cached")
 
     p = cmd(
-        "expert-prune", "helpers.experts.prune:cli_expert_prune", "keep k experts per layer of a Mixtral checkpoint"
+        "expert-prune",
+        "helpers.experts.prune:cli_expert_prune",
+        "keep k experts per layer of a Mixtral checkpoint: step 03's plan and prune",
     )
+    p.epilog = "Unset --criterion, --layout, --max-shard-size take notebook 03's defaults."
     _opt(p, "--model", required=True, help="checkpoint directory (legacy or fused expert keys)")
     _opt(p, "--scores", help="scores.json from notebook 02")
-    _opt(p, "--criterion", default="delta_l2", help="score to rank experts by (with --scores)")
+    _opt(p, "--criterion", help="score to rank experts by (with --scores)")
     _opt(p, "--keep", type=int, help="experts kept per layer (with --scores)")
     _opt(p, "--plan", help="plan.json {'keep': {'<layer>': [ids]}} instead of --scores")
     _opt(p, "--out", required=True, help="output directory")
-    _opt(p, "--layout", choices=["standard", "consolidated", "both"], default="both")
-    _opt(p, "--max-shard-size", default=None, help="consolidated shard size, e.g. 10GB")
+    _opt(p, "--layout", choices=["standard", "consolidated", "both"])
+    _opt(p, "--max-shard-size", help="consolidated shard size, e.g. 10GB")
     _opt(p, "--overwrite", action="store_true")
 
     p = cmd(
-        "layer-drop", "helpers.layers.drop:cli_layer_drop", "drop the most redundant block of layers (angular distance)"
+        "layer-drop",
+        "helpers.layers.drop:cli_layer_drop",
+        "drop the most redundant block of layers (angular distance): step 04, as notebook 04 runs it",
     )
+    p.epilog = "Flags are notebook 04's parameters; an unset flag takes the notebook's default."
     _opt(p, "--model", required=True, help="checkpoint directory or hub id")
-    _opt(p, "--drop-frac", type=float, default=0.25, help="fraction of layers to drop, in [0, 1)")
-    _opt(p, "--keep-last-layer", action="store_true", help="only blocks that end before the last layer")
-    _opt(p, "--layers", default=None, help="explicit block a-b (0-based, inclusive); overrides the search")
-    _opt(p, "--calib", default="toy", help="toy | PATH (jsonl/parquet/txt) | c4 | wikitext")
-    _opt(p, "--n-samples", type=int, default=64)
-    _opt(p, "--seq-len", type=int, default=128)
-    _opt(p, "--save-dir", required=True, help="stage A checkpoint")
-    _opt(p, "--save-removed-dir", required=True, help="directory for bundles B, C, ...")
-    _opt(p, "--n-bundles", type=int, default=2)
-    _opt(p, "--overwrite", action="store_true")
+    _opt(p, "--drop-frac", type=float, help="fraction of layers to drop, in [0, 1)")
+    _opt(
+        p,
+        "--keep-last-layer",
+        action=argparse.BooleanOptionalAction,
+        help="only blocks that end before the last layer",
+    )
+    _opt(p, "--layers", help="explicit block a-b (0-based, inclusive); overrides the search (measured with --calib)")
+    _opt(p, "--calib", help="toy | PATH (jsonl/parquet/txt) | c4 | wikitext")
+    _opt(p, "--world-manifest", help="toy world manifest (its calibration text for --calib toy)")
+    _opt(p, "--n-samples", type=int, help="calibration texts")
+    _opt(p, "--seq-len", type=int, help="tokens per calibration text")
+    _opt(p, "--batch-size", type=int, help="texts per forward pass")
+    _opt(p, "--n-bundles", type=int, help="the removed layers as this many contiguous bundles (B, C, ...)")
+    _opt(p, "--dtype", help="float32 | bfloat16 | float16 | 4bit (unset: fp32 on CPU, bf16 on GPU)")
+    _opt(p, "--seed", type=int, help="calibration sampling seed")
+    _opt(p, "--run-dir", help="plan.json, distances.json, figures/, manifest.json (default: the parent of --save-dir)")
+    _opt(p, "--save-dir", help="stage A checkpoint (default: RUN_DIR/A)")
+    _opt(p, "--save-removed-dir", help="directory for bundles B, C, ... (default: RUN_DIR/bundles)")
+    _opt(p, "--overwrite", action="store_true", help="replace existing outputs")
 
     p = cmd("assemble", "helpers.layers.bundles:cli_assemble", "rebuild stage AB or FULL from stage A plus bundles")
     _opt(p, "--base-model", required=True, help="stage A checkpoint")
@@ -103,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-new-tokens", type=int, default=32)
 
     p = cmd("evaluate", "helpers.eval.run:cli_evaluate", "MMLU-Pro or LightEval on one model")
-    _opt(p, "--model", required=True)
+    _opt(p, "--model", required=True, help="checkpoint dir or hub id (results.json: repo-relative, or as given)")
     _opt(p, "--bench", choices=["mmlu-pro", "lighteval"], default="mmlu-pro")
     _opt(p, "--mode", choices=["cot", "loglik", "cloze"], default="loglik")
     _opt(p, "--data", default=None, help="local dir in the hub layout (default: TIGER-Lab/MMLU-Pro)")
@@ -120,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--batch-size", type=int, default=8)
     _opt(p, "--max-new-tokens", type=int, default=256, help="CoT generation budget")
 
-    p = cmd("copy", "helpers.core.checkpoint:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
+    p = cmd("copy", "helpers.core.writer:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
     _opt(p, "--model", required=True)
     _opt(p, "--out", required=True)
     _opt(p, "--max-shard-size", default=None, help="pack to this size instead of mirroring")

@@ -21,9 +21,13 @@ def repo_root(start=None) -> Path:
     raise FileNotFoundError(f"no repo root (pyproject.toml + helpers/) above {p}")
 
 
-def setup(seed: int = 0, quiet: bool = True) -> Path:
-    """chdir to the repo root (paths in parameters are relative to it), seed, style plots."""
-    root = repo_root()
+def setup(seed: int = 0, quiet: bool = True, root=None) -> Path:
+    """chdir to the repo root (paths in parameters are relative to it), seed, style plots.
+
+    `python -m helpers step NN` calls it too (with `root`), so a step run from the command line
+    starts from the same seeds and plot style as its notebook and writes the same files.
+    """
+    root = Path(root) if root else repo_root()
     os.chdir(root)
     random.seed(seed)
     try:
@@ -86,8 +90,16 @@ def findings(manifest, keys: list[str], path=None):
     display(Markdown("| this run | value |\n|---|---|\n" + "\n".join(rows) + where))
 
 
+NOT_PARAMETERS = {"ROOT"}  # UPPER_CASE globals of the Setup cell, not parameters (and machine-specific)
+
+
 def params(namespace: dict):
-    """The notebook's parameters (its UPPER_CASE globals) as the `Params` its step's `run` takes."""
+    """The notebook's parameters (its UPPER_CASE globals but ROOT) as the `Params` its step's `run` takes.
+
+    The same names and values `python -m helpers step NN` builds (helpers.runner.parameters).
+    """
     from helpers.core.steps import Params
 
-    return Params({k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_")})
+    return Params(
+        {k: v for k, v in namespace.items() if k.isupper() and not k.startswith("_") and k not in NOT_PARAMETERS}
+    )

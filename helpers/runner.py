@@ -1,19 +1,32 @@
-"""Headless notebook runs: a preset's parameters into each notebook through papermill, plus HTML.
+"""Headless runs: a preset's parameters into each notebook through papermill (plus HTML), or one step's function.
 
-Usage: `python -m helpers run --preset toy --only 03,04 --set 01.MAX_STEPS=5`
+Usage: `python -m helpers run --preset toy --only 03,04 --set 01.MAX_STEPS=5`; `python -m helpers step 04`
 
-A preset is `configs/<name>.yaml`:
-    toy_world: {out: runs/toy/world, quick: false, seed: 0}   # optional: built (cached) first
+One source for every parameter: a notebook's `parameters` cell holds the toy defaults, and a preset
+`configs/<name>.yaml` lists only what differs from them:
+    toy_world: {quick: true}            # optional: the toy world, built (cached) before the steps
     notebooks:
-      "01": {PARAM: value, ...}                               # "{run}" expands to the run root
-The runner injects PRESET and RUN_DIR (= <run root>/<notebook stem>) into every notebook, refuses
-parameters a notebook does not declare, writes executed notebooks to <run root>/notebooks/, and on
-a failing cell stops with that cell's error and the path of the partial notebook.
+      "05": {N_HEAL: 16, ...}           # "{run}" in a value expands to the run root
+A notebook's parameters for a run are built in one place (`parameters`): its defaults, with paths
+rebased (below), then PRESET and RUN_DIR (= <run root>/<notebook stem>), then the preset's values,
+then `--set` overrides. A name the notebook does not declare is refused, naming it.
+
+Run root and paths. The run root is `--out`, else `runs/<preset>`. The notebooks' defaults point at
+the toy run, `runs/toy/...`; the rule: a default string that starts with `runs/toy/` is rebased onto
+the run root (`runs/toy/04_layer_drop_mistral/manifest.json` -> `<run root>/04_layer_drop_mistral/...`,
+`runs/toy/world` -> `<run root>/world`), and the toy world is built into `<run root>/world` unless
+the preset's `toy_world.out` says otherwise. So every run root chains its own notebooks and holds its
+own world; `runs/toy` itself is the identity. Preset values and `--set` values are taken as written.
+
+`run` writes executed notebooks to <run root>/notebooks/ (papermill injects PRESET, RUN_DIR and what
+differs from the defaults) and, on a failing cell, stops with that cell's error and the path of the
+partial notebook. `step NN` calls the step's function (the one its notebook's Run cell calls) in this
+process, from the repo root, with the same parameters, so both write the same files.
 """
 
 from __future__ import annotations
 
-import ast
+import importlib
 import json
 import os
 import re
@@ -25,9 +38,20 @@ from pathlib import Path
 import yaml
 
 from helpers.core.fsutil import write_json
+from helpers.core.steps import Params, notebook_defaults
 from helpers.nb import repo_root
 
 KERNEL = "pruning-lab"
+TOY_RUN = "runs/toy"  # the run root the notebooks' default paths are written for
+ALWAYS = ("PRESET", "RUN_DIR")  # injected into every notebook
+STEPS = {  # notebook number -> the step function its Run cell calls (imported when its step runs)
+    "01": "helpers.finetune.step:run",
+    "02": "helpers.experts.heatmaps:run",
+    "03": "helpers.experts.prune:run",
+    "04": "helpers.layers.drop:run",
+    "05": "helpers.layers.stages:run",
+    "06": "helpers.benchmarks.suite:run",
+}
 
 
 def load_preset(name: str, root: Path) -> dict:
@@ -55,14 +79,8 @@ def select(nbs: list[Path], only: str | None) -> list[Path]:
     return [have[w] for w in sorted(want)]
 
 
-def declared_parameters(nb_path: Path) -> set[str]:
-    """Names assigned in the notebook's `parameters`-tagged cell."""
-    cells = json.loads(nb_path.read_text())["cells"]
-    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if len(tagged) != 1:
-        raise ValueError(f"{nb_path}: expected exactly one cell tagged 'parameters', found {len(tagged)}")
-    tree = ast.parse("".join(tagged[0]["source"]))
-    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+def run_root_of(preset: str, out: str | None) -> str:
+    return os.path.normpath(out) if out else f"runs/{preset}"
 
 
 def _expand(value, run_root: str):
@@ -75,15 +93,48 @@ def _expand(value, run_root: str):
     return value
 
 
+def rebase(value, run_root: str):
+    """A notebook default under `runs/toy/` moved onto the run root (strings, inside lists and dicts too)."""
+    if isinstance(value, str):
+        return run_root + value[len(TOY_RUN) :] if value.startswith(TOY_RUN + "/") else value
+    if isinstance(value, list):
+        return [rebase(v, run_root) for v in value]
+    if isinstance(value, dict):
+        return {k: rebase(v, run_root) for k, v in value.items()}
+    return value
+
+
+def defaults(nb_path: Path, run_root: str) -> dict:
+    """The notebook's parameters-cell values as they read under this run root."""
+    return {k: rebase(v, run_root) for k, v in notebook_defaults(nb_path).items()}
+
+
 def parameters(preset: str, cfg: dict, nb_path: Path, run_root: str, overrides: dict) -> dict:
+    """Every parameter of notebook `nb_path` for this run: defaults (rebased), PRESET, RUN_DIR, preset, overrides.
+
+    The one place both `run` (notebooks) and `step` (functions) get their parameters from.
+    """
     num, stem = nb_path.name[:2], nb_path.stem
-    params = {"PRESET": preset, "RUN_DIR": f"{run_root}/{stem}"}
-    params.update(_expand(cfg["notebooks"].get(num, {}), run_root))
-    params.update(overrides.get(num, {}))
-    unknown = sorted(set(params) - declared_parameters(nb_path))
+    params = defaults(nb_path, run_root)
+    given = {"PRESET": preset, "RUN_DIR": f"{run_root}/{stem}"}
+    given.update(_expand(cfg["notebooks"].get(num, {}), run_root))
+    given.update(overrides.get(num, {}))
+    unknown = sorted(set(given) - set(params))
     if unknown:
         raise ValueError(f"{nb_path.name}: parameters {unknown} are not declared in its parameters cell")
+    params.update(given)
     return params
+
+
+def same(a, b) -> bool:
+    """Equal as data (True is not 1, 2 is not 2.0; dict order aside)."""
+    return json.dumps(a, sort_keys=True, default=repr) == json.dumps(b, sort_keys=True, default=repr)
+
+
+def injected(nb_path: Path, params: dict) -> dict:
+    """What papermill injects: PRESET, RUN_DIR and the values that differ from the notebook's own cell."""
+    own = notebook_defaults(nb_path)
+    return {k: v for k, v in params.items() if k in ALWAYS or k not in own or not same(v, own[k])}
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
@@ -137,7 +188,13 @@ def to_html(nb_path: Path) -> Path:
     return out
 
 
-def ensure_world(spec: dict, root: Path) -> None:
+def world_out(spec: dict, run_root: str) -> str:
+    """Where the preset's toy world goes: `toy_world.out` ("{run}" expanded), else <run root>/world."""
+    return _expand(spec["out"], run_root) if spec.get("out") else rebase(f"{TOY_RUN}/world", run_root)
+
+
+def ensure_world(spec: dict, root: Path, run_root: str = TOY_RUN) -> None:
+    """Build (or find cached) the preset's toy world, the way `python -m helpers toy build` does."""
     cmd = [
         sys.executable,
         "-m",
@@ -145,7 +202,7 @@ def ensure_world(spec: dict, root: Path) -> None:
         "toy",
         "build",
         "--out",
-        str(spec.get("out", "runs/toy/world")),
+        world_out(spec, run_root),
         "--seed",
         str(spec.get("seed", 0)),
     ] + (["--quick"] if spec.get("quick") else [])
@@ -167,11 +224,11 @@ def run(
 
     root = root or repo_root(Path(__file__).parent)
     cfg = load_preset(preset, root)
-    run_root = out or f"runs/{preset}"
+    run_root = run_root_of(preset, out)
     chosen = select(notebooks(root), only)
     plan = [(nb, parameters(preset, cfg, nb, run_root, overrides or {})) for nb in chosen]  # fail before running
-    if cfg.get("toy_world"):
-        ensure_world(cfg["toy_world"], root)
+    if cfg.get("toy_world") is not None:
+        ensure_world(cfg["toy_world"], root, run_root)
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if str(root) not in paths:  # kernels import this tree's helpers, whatever is installed
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), *paths]))
@@ -187,7 +244,7 @@ def run(
                 pm.execute_notebook(
                     str(nb),
                     str(target),
-                    parameters=params,
+                    parameters=injected(nb, params),
                     cwd=str(root),
                     kernel_name=kernel,
                     progress_bar=True,
@@ -218,4 +275,64 @@ def _failed(nb: Path, what: str, partial: Path):
 
 def cli_run(args) -> int:
     run(args.preset, args.only, args.out, parse_overrides(args.set), html=not args.no_html)
+    return 0
+
+
+def step_function(num: str):
+    """The function notebook `num`'s Run cell calls (imported now: it may pull in torch)."""
+    module, name = STEPS[step_number(num)].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parse_step_sets(items: list[str], num: str) -> dict[str, dict]:
+    """`--set KEY=VALUE` of `step NN` (YAML values) as `run`'s overrides; `NN.KEY=VALUE` is accepted too."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item}: expected KEY=VALUE, e.g. MAX_STEPS=5")
+        if "." in key:
+            pre, key = key.split(".", 1)
+            if not pre.isdigit() or f"{int(pre):02d}" != num:
+                raise ValueError(f"--set {item}: this is step {num}; use KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return {num: out}
+
+
+def step_parameters(num: str, preset: str = "toy", out: str | None = None, sets: dict | None = None, root=None):
+    """(Params, preset config) for `step NN`: exactly what `run` would give notebook NN."""
+    root = root or repo_root(Path(__file__).parent)
+    cfg = load_preset(preset, root)
+    (nb,) = select(notebooks(root), step_number(num))
+    return Params(parameters(preset, cfg, nb, run_root_of(preset, out), {nb.name[:2]: sets or {}})), cfg
+
+
+def step_number(text: str) -> str:
+    """`4` or `04` -> "04"; anything else, or a notebook without a step function, is refused naming the steps."""
+    num = f"{int(text):02d}" if str(text).isdigit() else str(text)
+    if num not in STEPS:
+        raise ValueError(f"step {text}: no such step; steps are {', '.join(STEPS)}")
+    return num
+
+
+def run_step(num: str, preset: str = "toy", out: str | None = None, sets: dict | None = None, root=None):
+    """Run step `num` as its notebook would (world first, repo root as cwd, same seeds); returns its result."""
+    from helpers import nb
+
+    root = root or repo_root(Path(__file__).parent)
+    num = step_number(num)
+    params, cfg = step_parameters(num, preset, out, sets, root)  # refuses unknown names before any work
+    fn = step_function(num)
+    if cfg.get("toy_world") is not None:
+        ensure_world(cfg["toy_world"], root, run_root_of(preset, out))
+    print(f"[step {num}] {fn.__module__}.{fn.__name__} -> {params.run_dir}", flush=True)
+    nb.setup(root=root)
+    return fn(params)
+
+
+def cli_step(args) -> int:
+    num = step_number(args.step)
+    t = time.perf_counter()
+    run_step(num, args.preset, args.out, parse_step_sets(args.set, num)[num])
+    print(f"[step {num}] done in {time.perf_counter() - t:.0f} s", flush=True)
     return 0

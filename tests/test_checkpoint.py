@@ -16,6 +16,7 @@ import torch
 
 from helpers.core import arch
 from helpers.core import checkpoint as C
+from helpers.core import writer as W
 from helpers.core.checkpoint import Checkpoint, CheckpointError
 from helpers.core.models import load_check
 from helpers.core.verify import compare, shard_map
@@ -27,7 +28,7 @@ def ckpt(request):
 
 
 def test_mirror_copy_is_byte_identical_with_same_shard_map(ckpt, tmp_path):
-    out = C.copy_checkpoint(ckpt, tmp_path / "copy")
+    out = W.copy_checkpoint(ckpt, tmp_path / "copy")
     src, dst = Checkpoint(ckpt), Checkpoint(out)
     assert len(src.shards) > 1
     assert dst.shards == src.shards
@@ -45,7 +46,7 @@ def test_mirror_copy_is_byte_identical_with_same_shard_map(ckpt, tmp_path):
 def test_max_size_packs_within_limit_and_loads(tiny_mixtral, tmp_path):
     src = Checkpoint(tiny_mixtral)
     limit = src.nbytes // 6
-    out = C.copy_checkpoint(tiny_mixtral, tmp_path / "packed", max_shard_size=limit)
+    out = W.copy_checkpoint(tiny_mixtral, tmp_path / "packed", max_shard_size=limit)
     dst = Checkpoint(out)
     assert len(dst.shards) != len(src.shards)
     for shard in dst.shards:
@@ -56,7 +57,7 @@ def test_max_size_packs_within_limit_and_loads(tiny_mixtral, tmp_path):
 
 
 def test_loaded_logits_equal_across_layouts(tiny_mixtral, tiny_mixtral_fused, tmp_path):
-    packed = C.copy_checkpoint(tiny_mixtral, tmp_path / "packed", max_shard_size=20_000)
+    packed = W.copy_checkpoint(tiny_mixtral, tmp_path / "packed", max_shard_size=20_000)
     x = torch.randint(0, 320, (2, 11))
     with torch.no_grad():
         ref = load_check(tiny_mixtral)(x).logits
@@ -67,31 +68,31 @@ def test_loaded_logits_equal_across_layouts(tiny_mixtral, tiny_mixtral_fused, tm
 def test_computed_entries_and_renames(tiny_mistral, tmp_path):
     src = Checkpoint(tiny_mistral)
     name = "model.layers.0.mlp.down_proj.weight"
-    entries = [C.copied(src, n) for n in src.keys() if n != name]
-    entries.append(C.computed(name, src.info(name), lambda: src.get(name) * 2))
-    out = C.write_checkpoint(tmp_path / "o", entries, config=src.config, like=src)
+    entries = [W.copied(src, n) for n in src.keys() if n != name]
+    entries.append(W.computed(name, src.info(name), lambda: src.get(name) * 2))
+    out = W.write_checkpoint(tmp_path / "o", entries, config=src.config, like=src)
     dst = Checkpoint(out)
     assert torch.equal(dst.get(name), src.get(name) * 2)
     assert dst.shard_of(name) == src.shard_of(name)
-    bad = [C.computed(name, src.info(name), lambda: src.get(name)[:1])]
+    bad = [W.computed(name, src.info(name), lambda: src.get(name)[:1])]
     with pytest.raises(CheckpointError, match=name):
-        C.write_checkpoint(tmp_path / "bad", bad, config=None, like=src)
+        W.write_checkpoint(tmp_path / "bad", bad, config=None, like=src)
     assert not (tmp_path / "bad").exists()
 
 
 def test_n_shards_mode_gives_exact_count(tiny_mixtral, tmp_path):
     src = Checkpoint(tiny_mixtral)
-    out = C.write_checkpoint(tmp_path / "n", C.passthrough(src), config=src.config, n_shards=7)
+    out = W.write_checkpoint(tmp_path / "n", W.passthrough(src), config=src.config, n_shards=7)
     assert len(Checkpoint(out).shards) == 7
     assert compare(tiny_mixtral, out).equal
 
 
 def test_existing_target_refused_unless_overwrite(tiny_mistral, tmp_path):
-    out = C.copy_checkpoint(tiny_mistral, tmp_path / "o")
+    out = W.copy_checkpoint(tiny_mistral, tmp_path / "o")
     with pytest.raises(FileExistsError, match="overwrite"):
-        C.copy_checkpoint(tiny_mistral, out)
+        W.copy_checkpoint(tiny_mistral, out)
     before = Checkpoint(out).shards
-    C.copy_checkpoint(tiny_mistral, out, overwrite=True, max_shard_size=20_000)  # a different layout replaces it
+    W.copy_checkpoint(tiny_mistral, out, overwrite=True, max_shard_size=20_000)  # a different layout replaces it
     assert Checkpoint(out).shards != before and compare(tiny_mistral, out).equal
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temp or old dirs left
     umask = os.umask(0)
@@ -103,6 +104,7 @@ def test_existing_target_refused_unless_overwrite(tiny_mistral, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     from helpers.core import checkpoint as C
+    from helpers.core import writer as W
     src = C.Checkpoint(sys.argv[1])
     def slow(name):
         def make():
@@ -110,8 +112,8 @@ KILL_SCRIPT = textwrap.dedent("""
             time.sleep(60)
             return src.get(name)
         return make
-    entries = [C.computed(n, src.info(n), slow(n)) for n in src.keys()]
-    C.write_checkpoint(sys.argv[2], entries, config=src.config, like=src)
+    entries = [W.computed(n, src.info(n), slow(n)) for n in src.keys()]
+    W.write_checkpoint(sys.argv[2], entries, config=src.config, like=src)
 """)
 
 
@@ -129,7 +131,7 @@ def test_sigkill_mid_write_leaves_no_target(tiny_mistral, tmp_path):
     proc.wait()
     assert not target.exists()
     # the next writer sweeps the dead writer's temp dir and succeeds
-    C.copy_checkpoint(tiny_mistral, target)
+    W.copy_checkpoint(tiny_mistral, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -182,8 +184,8 @@ def test_unknown_model_type_lists_supported(tiny_mistral, tmp_path):
 def test_load_check_names_missing_keys(tiny_mistral, tmp_path):
     src = Checkpoint(tiny_mistral)
     gone = "model.layers.3.self_attn.q_proj.weight"
-    out = C.write_checkpoint(
-        tmp_path / "o", [C.copied(src, n) for n in src.keys() if n != gone], config=src.config, like=src
+    out = W.write_checkpoint(
+        tmp_path / "o", [W.copied(src, n) for n in src.keys() if n != gone], config=src.config, like=src
     )
     with pytest.raises(CheckpointError, match=r"missing_keys: \['model\.layers\.3\.self_attn\.q_proj\.weight'\]"):
         load_check(out)

@@ -144,3 +144,22 @@ def test_cot_drops_shots_until_the_prompt_fits(tiny_mmlu):
     assert k == 2 and prompt == mmlu_pro.cot_prompt(q, shots, 2)
     assert mmlu_pro.fit_shots(q, shots, 5, tok, budget=None)[1] == 5
     assert mmlu_pro.fit_shots(q, shots, 5, tok, budget=1)[1] == 0  # nothing fits: zero-shot, as the official loop ends
+
+
+def test_portable_paths(tmp_path, monkeypatch):
+    """Results name paths relative to the repo root when under it; elsewhere as given; hub ids stay."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert results.portable(root / "helpers" / "eval") == "helpers/eval"  # absolute, under the repo
+    assert results.portable("helpers/eval/../eval") == "helpers/eval"  # relative to the cwd, normalised
+    assert results.portable(root) == "."
+    assert results.portable(root / "runs" / "not-yet") == "runs/not-yet"  # need not exist
+    assert results.portable("TIGER-Lab/MMLU-Pro") == "TIGER-Lab/MMLU-Pro"  # a hub id
+    assert results.portable(tmp_path) == str(tmp_path)  # outside the repo: as given
+    assert results.portable(None) is None
+    cfg = results.config_block(
+        root / "runs" / "m", "v", parent_manifest=root / "runs" / "manifest.json", data=str(root / "runs" / "d")
+    )
+    assert (cfg["model"], cfg["parent_manifest"], cfg["data"]) == ("runs/m", "runs/manifest.json", "runs/d")

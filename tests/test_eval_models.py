@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.core.checkpoint import copy_checkpoint
 from helpers.core.models import load_model
+from helpers.core.writer import copy_checkpoint
 from helpers.eval import engine, lighteval_run, mmlu_pro, results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,3 +264,50 @@ def test_stage_model_keeping_original_layer_indices_scores_like_renumbered(tiny_
     assert engine.generate(kept, tok, prompts, max_new_tokens=5, progress=False) == engine.generate(
         renum, tok, prompts, max_new_tokens=5, progress=False
     )
+
+
+def _strings(path: Path) -> str:
+    """All text of a kept results file (parquet details as their rows)."""
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return repr(pd.read_parquet(path).to_dict())
+    return path.read_text()
+
+
+def test_kept_results_carry_no_absolute_or_temp_paths(tiny_mistral, tiny_mmlu, monkeypatch):
+    """A model and data under the repo, results written from the repo root: results.json, samples and
+    LightEval's kept files (in-memory run, and a run from the checkpoint dir) name paths repo-relative,
+    never the absolute root or LightEval's temp dir."""
+    import shutil
+    import tempfile
+
+    from helpers.core.manifest import Manifest
+    from helpers.eval import Plan, evaluate_dir
+
+    monkeypatch.chdir(ROOT)
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / "runs", prefix="pytest-portable-") as d:
+        d = Path(d)
+        model, data = shutil.copytree(tiny_mistral, d / "mistral"), shutil.copytree(tiny_mmlu, d / "mmlu_pro")
+        Manifest("toy").output("mistral", model).save(d)  # the parent manifest evaluate_dir finds
+        out = d / "eval" / "mistral_base"
+        plan = Plan(modes=("cloze",), limit=3, lighteval_modes=("loglik",), lighteval_limit=3, batch_size=4)
+        evaluate_dir(Path(model).resolve(), out.resolve(), plan, data=Path(data).resolve(), progress=False)
+        qs, shots = mmlu_pro.load(data, limit=2)
+        lighteval_run.run_lighteval(str(Path(model).resolve()), qs, shots, d / "eval" / "by_dir", batch_size=2)
+
+        rel = str(d.relative_to(ROOT))
+        cfg = json.loads((out / results.RESULTS).read_text())["config"]
+        assert (cfg["model"], cfg["data"]) == (f"{rel}/mistral", f"{rel}/mmlu_pro")
+        assert cfg["parent_manifest"] == f"{rel}/manifest.json"
+        kept = [p for p in (d / "eval").rglob("*") if p.is_file()]
+        assert {p.suffix for p in kept} >= {".json", ".jsonl", ".parquet"}
+        assert len([p for p in kept if p.name.startswith("results_")]) == 2  # LightEval's own, both runs
+        for p in kept:
+            text = _strings(p)
+            assert str(ROOT) not in text and "/tmp/" not in text, p
+            assert '"/' not in text and "'/" not in text, p  # no string value is an absolute path
+        le = json.loads(next((d / "eval" / "by_dir").rglob("results_*.json")).read_text())["config_general"]
+        assert le["model_name"] == f"{rel}/mistral" and le["model_config"]["cache_dir"].startswith("<tmp>/")
+        assert (d / "eval" / "by_dir" / "lighteval" / "loglik" / "details" / rel / "mistral").is_dir()

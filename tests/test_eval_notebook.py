@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.benchmarks import variants
-from helpers.core.checkpoint import copy_checkpoint
+from helpers.benchmarks import suite, variants
 from helpers.core.manifest import Manifest
 from helpers.core.models import load_model
+from helpers.core.writer import copy_checkpoint
 from helpers.eval import mmlu_pro, results
 from helpers.eval.run import Plan
 from helpers.toy import synth
@@ -64,6 +64,14 @@ def test_collect_finds_variants_and_notes_the_missing(fake_runs, tmp_path):
     assert variants.data_of(fake_runs["world"]) == str(
         Path(json.loads(Path(fake_runs["world"]).read_text())["outputs"]["mmlu_pro"]["path"])
     )
+
+
+def test_notes_name_repo_paths_relative(fake_runs):
+    """summary.md and the manifest carry the notes: a path under the repo is named relative to it."""
+    missing = ROOT / "runs" / "no-such-step" / "manifest.json"
+    _, notes = variants.collect({**fake_runs, "routing": str(missing)})
+    assert "routing manifest runs/no-such-step/manifest.json does not exist (step not run yet)" in notes
+    assert not any(str(ROOT) in n for n in notes)
 
 
 def test_routed_variant_with_injected_router(fake_runs, tiny_mistral, tiny_mmlu, tmp_path):
@@ -154,6 +162,6 @@ def test_notebook_06_runs_on_fake_manifests(fake_runs, tmp_path):
     assert ag["questions"] == 3 and ag["same_prediction"] == 3
     summary = (out / "summary.md").read_text()
     assert "skipped mistral_routed" in summary and "| mistral_stage_ab |" in summary
-    assert {p.name for p in (out / "figures").iterdir()} >= {"accuracy.png", "categories.png", "speed.png"}
+    assert {p.name for p in (out / "figures").iterdir()} == {f"{f}.png" for f in suite.FIGURES}
     m = json.loads((tmp_path / "06" / "manifest.json").read_text())
     assert m["metrics"]["accuracy"]["mmlu_pro_cloze"].keys() == set(docs)

@@ -1,4 +1,4 @@
-"""Expert pruning: exact logits against the masked base, byte identity, layouts, one-line errors."""
+"""Expert pruning: exact logits against the masked base, byte identity, layouts, one-line errors; step 03."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from transformers import AutoTokenizer
 from helpers.cli import main
 from helpers.core import arch
 from helpers.core.checkpoint import Checkpoint
+from helpers.core.manifest import Manifest
+from helpers.core.manifest import load as load_manifest
 from helpers.core.models import load_check
+from helpers.core.steps import Params, notebook_defaults
 from helpers.core.verify import compare, shard_map
 from helpers.experts import prune as xp
 from helpers.experts import scores as xs
@@ -245,3 +248,32 @@ def test_missing_model_is_one_line_error(tmp_path, scores_file, capsys):
     rc = _cli("--model", tmp_path / "absent", "--scores", scores_file, "--keep", 4, "--out", tmp_path / "out")
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "absent: not a checkpoint directory" in err, err
+
+
+# ---- step 03: notebook and command line write the same prune -----------------------------------
+def test_run_and_cli_write_the_same_prune(tmp_path, tiny_mixtral, scores_file):
+    m02 = Manifest("02_expert_heatmaps").input("merged", tiny_mixtral, hash=False).output("scores", scores_file)
+    m02_path = m02.save(tmp_path / "02")
+    run_dir, out = tmp_path / "03", tmp_path / "cli"
+    p = Params(
+        notebook_defaults(xp.NOTEBOOK)
+        | {"SCORES_MANIFEST": str(m02_path), "KEEP": 4, "RUN_DIR": str(run_dir), "HASH_CHECKPOINTS": False}
+    )
+    r = xp.run(p)
+    assert _cli("--model", tiny_mixtral, "--scores", scores_file, "--keep", 4, "--out", out) == 0  # layout: both
+    pruned = run_dir / "pruned"
+    assert r.plan == json.loads((run_dir / "plan.json").read_text()) == json.loads((out / "plan.json").read_text())
+    assert (pruned / "plan.json").read_text() == (out / "plan.json").read_text()
+    for layout in ("standard", "consolidated"):
+        assert compare(pruned / layout, out / layout).equal
+        assert sorted(f.name for f in (pruned / layout).iterdir()) == sorted(f.name for f in (out / layout).iterdir())
+    rec_nb, rec_cli = load_manifest(pruned), load_manifest(out)
+    for key in ("params", "metrics", "plan"):
+        assert rec_nb[key] == rec_cli[key], key
+    m = load_manifest(run_dir)
+    assert set(m["outputs"]) == {"plan", "standard", "consolidated"} and "ROOT" not in m["params"]
+    assert m["metrics"]["layouts_identical"] is True and m["metrics"]["logit_max_abs_diff"] <= 1e-5
+    assert r.verification["max_abs_diff"] == m["metrics"]["logit_max_abs_diff"]
+    assert r.paths == {"standard": str(pruned / "standard"), "consolidated": str(pruned / "consolidated")}
+    assert {name: f.name for name, f in r.figures.items()} == {"kept_experts": "kept_experts.png", "sizes": "sizes.png"}
+    assert all(f.exists() for f in r.figures.values()) and list(r.sizes.index) == ["params", "GB", "shards"]

@@ -228,3 +228,51 @@ def test_finetune_sources_reads_the_01_manifest(tmp_path):
     m.data["inputs"] = {}
     with pytest.raises(KeyError, match="names no base model"):
         xs.finetune_sources(m.data)
+
+
+def test_step_run_writes_scores_figures_and_manifest(tmp_path, finetuned, tiny_mixtral):
+    """Step 02 as one call on a 01-style manifest: scores.json, three figures, the delta check, the manifest."""
+    from pathlib import Path
+
+    from helpers.core.manifest import Manifest, load, output_path
+    from helpers.core.steps import Params, notebook_defaults
+    from helpers.experts import heatmaps
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(TEXTS) + "\n")
+    m01 = Manifest("01_finetune_mixtral", {}).input("base", tiny_mixtral).input("world", tmp_path / "world")
+    m01.output("adapter", finetuned / "adapter").output("merged", finetuned / "merged").save(tmp_path / "01")
+    defaults = notebook_defaults(Path(__file__).parents[1] / "notebooks/02_expert_heatmaps.ipynb")
+    run_dir = tmp_path / "02"
+    p = Params(defaults).replace(
+        finetune_manifest=str(tmp_path / "01/manifest.json"),
+        calib=str(calib),
+        n_calib=4,
+        max_length=32,
+        batch_size=2,
+        run_dir=str(run_dir),
+    )
+    r = heatmaps.run(p)
+    m = load(run_dir)
+    assert m["step"] == "02_expert_heatmaps" and m["params"] == dict(p)
+    assert set(m["inputs"]) == {"finetune_manifest", "base", "merged", "adapter"}
+    assert set(m["outputs"]) == {"scores", "figures"}
+    assert set(m["timings_s"]) == {"delta_l2_checkpoints", "delta_l2_adapter", "distances", "router_stats"}
+    assert m["metrics"]["delta_adapter_vs_checkpoints_max_rel_diff"] == max(r.agreement.values()) < 1e-4
+    assert m["metrics"]["n_calib_tokens"] == r.n_calib_tokens > 0
+    scores = xs.load_scores(output_path(m, "scores"))
+    names = ["delta_l2", "delta_l2_w1", "delta_l2_w2", "delta_l2_w3", "frequency", "reap", "uniqueness", "random"]
+    assert list(scores["criteria"]) == names == list(r.rank_agreement.index)
+    np.testing.assert_allclose(scores["criteria"]["delta_l2"], r.criteria["delta_l2"])
+    assert scores["meta"] == {
+        "source": f"{run_dir}/scores.json",
+        **r.sources,
+        "calib": str(calib),
+        "n_tokens": r.n_calib_tokens,
+    }
+    assert {k: f.name for k, f in r.figures.items()} == {
+        "heatmaps": "heatmaps.png",
+        "distances": "distances.png",
+        "rank_agreement": "rank_agreement.png",
+    }
+    assert sorted(f.name for f in output_path(m, "figures").iterdir()) == sorted(f.name for f in r.figures.values())

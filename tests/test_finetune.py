@@ -165,7 +165,7 @@ def test_delta_summary_separates_router_from_experts(mixtral_run):
 
 
 def test_expert_factors_give_the_merged_expert_deltas(mixtral_run):
-    """The one LoRA-factor decoder (expert_scores) on a trained adapter: scaling * B_e A_e = merged - base per expert."""
+    """The LoRA-factor decoder (experts.scores) on a trained adapter: scaling * B_e A_e = merged - base per expert."""
     base, res, merged = mixtral_run
     a, b = Checkpoint(base), Checkpoint(merged)
     cfg = a.config
@@ -303,3 +303,41 @@ def test_bad_input_is_one_line(tmp_path, tiny_mixtral, tiny_mistral, mixtral_run
         finetune.delta_summary("org/absent-model", merged)
     _one_line(e, "org/absent-model")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+
+
+# ---- step 01 as one call (notebook 01's Run cell and `python -m helpers step 01`) ------------
+def test_step_run_trains_merges_and_records(tmp_path, tiny_mixtral):
+    from pathlib import Path
+
+    from helpers.core.fsutil import write_jsonl
+    from helpers.core.manifest import Manifest, load, output_path
+    from helpers.core.steps import Params, notebook_defaults
+    from helpers.finetune import step
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", sft_rows(_tok(tiny_mixtral), 8))
+    world = Manifest("toy_world", {}).output("mixtral", tiny_mixtral).save(tmp_path / "world")
+    defaults = notebook_defaults(Path(__file__).parents[1] / "notebooks/01_finetune_mixtral.ipynb")
+    p = Params(defaults).replace(
+        world_manifest=str(world),
+        run_dir=str(tmp_path / "01"),
+        dataset=str(rows),
+        eval_dataset=str(rows),
+        n_eval=4,
+        steps=2,
+        r=4,
+        alpha=8,
+        max_length=48,
+        batch_size=4,
+    )
+    r = step.run(p)
+    m = load(tmp_path / "01")
+    assert m["step"] == "01_finetune_mixtral" and m["params"] == dict(p)
+    assert set(m["inputs"]) == {"base", "world"} and set(m["outputs"]) == {"adapter", "merged", "loss_curve"}
+    assert output_path(m, "merged") == r.merged and r.loss_curve.stat().st_size > 0
+    assert m["inputs"]["base"]["sha256"] and m["outputs"]["merged"]["sha256"]  # HASH_CHECKPOINTS defaults on
+    assert set(m["timings_s"]) == {"train", "merge"}
+    assert {"eval_loss_before", "eval_loss_after", "first_loss", "final_loss", "trainable_params"} <= set(m["metrics"])
+    changed = r.deltas.set_index("kind")["changed"]
+    assert m["metrics"]["changed"] == changed.astype(int).to_dict() and changed["router"] == 0 and changed["expert w2"]
+    assert r.preset["steps"] == 2 and r.preset["r"] == 4
+    assert set(r.history["metric"]) == {"train loss", "eval loss"}

@@ -1,4 +1,4 @@
-"""Angular distances equal a direct computation from output_hidden_states; plans; layer-drop CLI."""
+"""Angular distances equal a direct computation from output_hidden_states; plans; step 04 and its layer-drop command."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from transformers import AutoTokenizer
 
 from helpers import cli
 from helpers.core.checkpoint import Checkpoint
+from helpers.core.manifest import load as load_manifest
 from helpers.core.models import load_check
-from helpers.layers import drop as layers
+from helpers.core.steps import Params, notebook_defaults
+from helpers.core.verify import compare
+from helpers.layers import distance, drop
 from helpers.toy import synth
 
 TEXTS = [
@@ -71,11 +74,11 @@ def direct_distances(model, batch: dict, final_norm: bool) -> np.ndarray:
 @pytest.mark.parametrize("final_norm", [False, True])
 def test_distances_equal_direct_computation(model_tok, side, final_norm):
     model, tok = model_tok
-    batch = layers.encode(tok, TEXTS, seq_len=64, padding_side=side)
+    batch = distance.encode(tok, TEXTS, seq_len=64, padding_side=side)
     edge = batch["attention_mask"][:, 0 if side == "left" else -1]
     assert (edge == 0).any(), "the batch must actually be padded on that side"
     hooks = [len(l._forward_pre_hooks) + len(l._forward_hooks) for l in model.model.layers]
-    ours = layers.angular_distances(model, batches=[batch], final_norm=final_norm, progress=False)
+    ours = distance.angular_distances(model, batches=[batch], final_norm=final_norm, progress=False)
     assert hooks == [len(l._forward_pre_hooks) + len(l._forward_hooks) for l in model.model.layers]  # ours are gone
     ref = direct_distances(model, batch, final_norm)
     assert np.array_equal(np.isnan(ours), np.isnan(ref))
@@ -84,9 +87,9 @@ def test_distances_equal_direct_computation(model_tok, side, final_norm):
 
 def test_final_norm_changes_only_blocks_ending_at_the_top(model_tok):
     model, tok = model_tok
-    batches = [layers.encode(tok, TEXTS, seq_len=64)]
-    pre = layers.angular_distances(model, batches=batches, progress=False)
-    post = layers.angular_distances(model, batches=batches, final_norm=True, progress=False)
+    batches = [distance.encode(tok, TEXTS, seq_len=64)]
+    pre = distance.angular_distances(model, batches=batches, progress=False)
+    post = distance.angular_distances(model, batches=batches, final_norm=True, progress=False)
     L = pre.shape[1]
     top = [(n, L - n) for n in range(1, L + 1)]  # blocks whose end state is x_L
     assert all(abs(pre[n, l] - post[n, l]) > 1e-4 for n, l in top)
@@ -98,10 +101,10 @@ def test_final_norm_changes_only_blocks_ending_at_the_top(model_tok):
 
 def test_padding_side_and_batching_do_not_change_the_means(model_tok):
     model, tok = model_tok
-    one_by_one = layers.angular_distances(model, tok, TEXTS, batch_size=1, progress=False)  # no padding at all
+    one_by_one = distance.angular_distances(model, tok, TEXTS, batch_size=1, progress=False)  # no padding at all
     for side in ("left", "right"):
         for bs in (2, 4):
-            D = layers.angular_distances(model, tok, TEXTS, batch_size=bs, padding_side=side, progress=False)
+            D = distance.angular_distances(model, tok, TEXTS, batch_size=bs, padding_side=side, progress=False)
             assert np.nanmax(np.abs(D - one_by_one)) <= 1e-5, (side, bs)
 
 
@@ -121,20 +124,20 @@ def _distances(L=8, seed=0):
 def test_plan_picks_the_argmin_block_and_splits_bundles():
     D = _distances()
     D[2, 6] = 0.01  # the most redundant 2-block is 6-7, which ends at the last layer
-    plan = layers.plan_layer_drop(_config(), D, drop_frac=0.25)
+    plan = drop.plan_layer_drop(_config(), D, drop_frac=0.25)
     assert plan["block"] == [6, 7] and plan["dropped"] == [6, 7] and plan["n_drop"] == 2
-    kept = layers.plan_layer_drop(_config(), D, drop_frac=0.25, keep_last_layer=True)
+    kept = drop.plan_layer_drop(_config(), D, drop_frac=0.25, keep_last_layer=True)
     l_star = int(np.argmin(D[2, :6]))  # blocks l..l+1 with l+1 < 7
     assert kept["block"] == [l_star, l_star + 1]
     assert kept["block_distance"] == D[2, l_star]
     assert [kept["kept"][str(i)] for i in range(6)] == [i for i in range(8) if i not in kept["dropped"]]
-    half = layers.plan_layer_drop(_config(), D, drop_frac=0.5)
+    half = drop.plan_layer_drop(_config(), D, drop_frac=0.5)
     n = 4
     l_half = int(np.argmin(D[n, : 8 - n + 1]))
     assert half["dropped"] == list(range(l_half, l_half + n))
     assert list(half["bundles"]) == ["B", "C"]
     assert half["bundles"]["B"] + half["bundles"]["C"] == half["dropped"]
-    three = layers.plan_layer_drop(_config(), D, drop_frac=0.5, n_bundles=3)
+    three = drop.plan_layer_drop(_config(), D, drop_frac=0.5, n_bundles=3)
     sizes = [len(v) for v in three["bundles"].values()]
     assert sum(sizes) == 4 and max(sizes) - min(sizes) <= 1 and list(three["bundles"]) == ["B", "C", "D"]
     assert sum(three["bundles"].values(), []) == three["dropped"]
@@ -143,15 +146,15 @@ def test_plan_picks_the_argmin_block_and_splits_bundles():
 
 def test_explicit_layers_override_the_search():
     D = _distances()
-    plan = layers.plan_layer_drop(_config(), D, drop_frac=0.25, layers="1-3")
+    plan = drop.plan_layer_drop(_config(), D, drop_frac=0.25, layers="1-3")
     assert plan["dropped"] == [1, 2, 3] and plan["selection"] == "explicit"
     assert plan["bundles"] == {"B": [1, 2], "C": [3]}
-    assert layers.plan_layer_drop(_config(), None, layers="5", n_bundles=1)["dropped"] == [5]
+    assert drop.plan_layer_drop(_config(), None, layers="5", n_bundles=1)["dropped"] == [5]
 
 
 def test_distances_json_roundtrip():
     D = _distances(L=5)
-    back = layers.distances_from_json(layers.distances_to_json(D))
+    back = distance.distances_from_json(distance.distances_to_json(D))
     assert np.array_equal(back, D, equal_nan=True)
 
 
@@ -172,13 +175,20 @@ def test_distances_json_roundtrip():
 )
 def test_plan_errors_are_one_line(kw, match):
     with pytest.raises(ValueError, match=match) as e:
-        layers.plan_layer_drop(_config(), _distances(), **kw)
+        drop.plan_layer_drop(_config(), _distances(), **kw)
     assert "\n" not in str(e.value)
 
 
-# ---- command line ---------------------------------------------------------------------------
+# ---- step 04 and its command line ----------------------------------------------------------
+NOTEBOOK_04 = drop.NOTEBOOK
+
+
+def _fake_calib(monkeypatch):
+    monkeypatch.setattr(drop, "calib_texts", lambda source, n=None, **kw: TEXTS[:n])
+
+
 def test_cli_layer_drop_with_calibration(base, model_tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(layers, "calib_texts", lambda source, n=None, **kw: TEXTS[:n])
+    _fake_calib(monkeypatch)
     a, r = tmp_path / "A", tmp_path / "bundles"
     rc = cli.main(
         [
@@ -199,18 +209,49 @@ def test_cli_layer_drop_with_calibration(base, model_tok, tmp_path, monkeypatch)
         ]
     )
     assert rc == 0
-    plan = json.loads((r / "plan.json").read_text())
+    plan = json.loads((tmp_path / "plan.json").read_text())  # the run dir: the parent of --save-dir
     model, tok = model_tok
-    D = layers.angular_distances(model, tok, TEXTS[:5], seq_len=32, progress=False)
+    D = distance.angular_distances(model, tok, TEXTS[:5], seq_len=32, progress=False)
     stored = np.array([np.pad(row, (0, 8 - len(row)), constant_values=np.nan) for row in plan["distances"]])
     assert np.allclose(stored, D[1:], equal_nan=True, atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "distances.json").read_text())["rows"] == plan["distances"]
     l_star = int(np.argmin(D[4, :4]))  # n = 4, blocks must end before layer 7
     assert plan["dropped"] == list(range(l_star, l_star + 4))
     record = json.loads((a / "layer_drop.json").read_text())
     assert record["dropped"] == plan["dropped"] and record["n_layers"] == 8 and record["model_type"] == "mistral"
     assert record["kept"] == plan["kept"] and record["distances"] == plan["distances"]
     assert Checkpoint(a).config["num_hidden_layers"] == 4
-    assert sorted(p.name for p in r.iterdir()) == ["B", "C", "layer_drop.json", "plan.json"]
+    assert sorted(p.name for p in r.iterdir()) == ["B", "C", "layer_drop.json"]
+    m = load_manifest(tmp_path)
+    assert set(m["outputs"]) == {"stage_a", "bundles", "distances", "plan", "figures"}
+    assert m["metrics"]["block"] == plan["block"] and m["metrics"]["n_calibration_texts"] == 5
+    assert m["params"]["N_SAMPLES"] == 5 and m["params"]["BATCH_SIZE"] == notebook_defaults(NOTEBOOK_04)["BATCH_SIZE"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["distance_heatmap.png", "min_distance_by_n.png"]
+
+
+def test_cli_and_run_write_the_same_files(base, tmp_path, monkeypatch):
+    """The command and notebook 04's Run cell are one function: same flags/parameters, same files."""
+    _fake_calib(monkeypatch)
+    flags = {"MODEL": str(base), "N_SAMPLES": 6, "SEQ_LEN": 32, "N_BUNDLES": 1}
+    p = Params(notebook_defaults(NOTEBOOK_04) | flags | {"RUN_DIR": str(tmp_path / "nb")})
+    result = drop.run(p)
+    assert (result.stage_a, result.bundles) == (tmp_path / "nb" / "A", tmp_path / "nb" / "bundles")  # notebook paths
+    args = ["--model", str(base), "--n-samples", "6", "--seq-len", "32", "--n-bundles", "1"]
+    assert cli.main(["layer-drop", *args, "--run-dir", str(tmp_path / "cli")]) == 0
+    nb, cl = tmp_path / "nb", tmp_path / "cli"
+    for name in ("plan.json", "distances.json", "A/layer_drop.json", "bundles/layer_drop.json"):
+        assert (nb / name).read_text() == (cl / name).read_text(), name
+    assert compare(nb / "A", cl / "A").equal and compare(nb / "bundles/B", cl / "bundles/B").equal
+    m_nb, m_cl = load_manifest(nb), load_manifest(cl)
+    assert m_nb["metrics"] == m_cl["metrics"] and set(m_nb["outputs"]) == set(m_cl["outputs"])
+    assert set(m_nb["params"]) == set(m_cl["params"]) and "ROOT" not in m_nb["params"]
+    assert {k: v for k, v in m_cl["params"].items() if m_nb["params"][k] != v} == {
+        "RUN_DIR": str(cl),
+        "PRESET": None,
+        "OVERWRITE": False,
+    }
+    assert result.plan == json.loads((nb / "plan.json").read_text()) and list(result.stages["stage"]) == ["A", "FULL"]
+    assert list(result.figures) == ["distance_heatmap", "min_distance_by_n"] and result.summary.startswith("dropped")
 
 
 def test_cli_layer_drop_explicit_and_overwrite(base, tmp_path, capsys):
@@ -222,8 +263,11 @@ def test_cli_layer_drop_explicit_and_overwrite(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and str(a) in err and "\n" not in err
     assert cli.main(args + ["--layers", "1-2", "--n-bundles", "1", "--overwrite"]) == 0
-    assert sorted(p.name for p in r.iterdir()) == ["B", "layer_drop.json", "plan.json"]  # stale C removed
+    assert sorted(p.name for p in r.iterdir()) == ["B", "layer_drop.json"]  # stale C removed
     assert json.loads((a / "layer_drop.json").read_text())["dropped"] == [1, 2]
+    # an explicit block without --calib measures nothing: no distances.json, no figures
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A", "bundles", "manifest.json", "plan.json"]
+    assert load_manifest(tmp_path)["metrics"]["block_distance"] is None
 
 
 @pytest.mark.parametrize(
@@ -232,6 +276,8 @@ def test_cli_layer_drop_explicit_and_overwrite(base, tmp_path, capsys):
         (["--drop-frac", "1.2"], "--drop-frac 1.2"),
         (["--layers", "4-8"], "--layers 4-8"),
         (["--layers", "5-7", "--keep-last-layer"], "touches the last layer"),
+        (["--layers", "5-7"], "touches the last layer"),  # the notebook's default: KEEP_LAST_LAYER = True
+        (["--n-bundles", "3"], "--n-bundles 3"),
     ],
 )
 def test_cli_bad_flags_fail_before_any_work(base, tmp_path, capsys, flags, needle):
@@ -239,4 +285,10 @@ def test_cli_bad_flags_fail_before_any_work(base, tmp_path, capsys, flags, needl
     rc = cli.main(["layer-drop", "--model", str(base), *flags, "--save-dir", str(a), "--save-removed-dir", str(r)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and needle in err and "\n" not in err
-    assert not a.exists() and not r.exists()
+    assert not a.exists() and not r.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_no_keep_last_layer(base, tmp_path):
+    flags = ["--layers", "5-7", "--no-keep-last-layer", "--n-bundles", "1", "--run-dir", str(tmp_path)]
+    assert cli.main(["layer-drop", "--model", str(base), *flags]) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["dropped"] == [5, 6, 7]

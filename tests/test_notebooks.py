@@ -17,6 +17,7 @@ from helpers.core.checkpoint import Checkpoint
 from helpers.core.manifest import load, output_path
 from helpers.core.models import load_check
 from helpers.core.verify import compare
+from helpers.experts.view import expert_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -128,6 +129,8 @@ def test_benchmarks_cover_every_variant(story):
         assert f"| {v} |" in summary
         doc = json.loads((output_path(m6, "eval_results") / v / "results.json").read_text())
         assert {"mmlu_pro_cloze", "mmlu_pro_loglik", "mmlu_pro_cot"} <= set(doc["results"])
+    figures = {p.name for p in (output_path(m6, "eval_results") / "figures").glob("*.png")}
+    assert figures == {"accuracy.png", "categories.png", "accuracy_vs_params.png", "speed.png", "stage_mix.png"}
     acc = m6["metrics"]["accuracy"]["mmlu_pro_cloze"]
     assert acc["mixtral_pruned_standard"] == acc["mixtral_pruned_consolidated"]
     assert acc["mistral_stage_full"] == acc["mistral_base"]

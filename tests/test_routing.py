@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from helpers.core.checkpoint import Checkpoint, copy_checkpoint
+from helpers.core.checkpoint import Checkpoint
 from helpers.core.verify import fingerprint
+from helpers.core.writer import copy_checkpoint
 from helpers.eval import mmlu_pro
 from helpers.layers import drop as layers
 from helpers.layers import routing
@@ -345,3 +347,74 @@ def test_route_cli_end_to_end_on_layer_drop_output(tmp_path):
     assert all(int(x[2]) <= 3 for x in heads)
     assert {x[0] for x in heads} == set(STAGES)
     np.testing.assert_allclose([float(x[1]) for x in heads], h, atol=1e-4)
+
+
+# ---- step 05 in one call -----------------------------------------------------------------------
+def test_stages_run_writes_what_notebook_05_records(on_disk, tiny_mmlu, tmp_path):
+    """`stages.run` on a real layer drop, with the notebook's own parameter names (tiny values)."""
+    from helpers.core.manifest import Manifest, load, output_path
+    from helpers.core.steps import Params, notebook_defaults
+    from helpers.layers import stages as step
+
+    m04 = Manifest("04_layer_drop_mistral").output("stage_a", on_disk / "A").output("bundles", on_disk / "bundles")
+    m04.save(tmp_path / "04")
+    (tmp_path / "heal.txt").write_text("\n".join(PROMPTS * 3))
+    run_dir = tmp_path / "05"
+    p = Params(notebook_defaults(REPO / "notebooks/05_bundles_and_routing.ipynb")).replace(
+        layer_drop_manifest=str(tmp_path / "04/manifest.json"),
+        run_dir=str(run_dir),
+        mmlu_data=str(tiny_mmlu),
+        n_questions=None,
+        accuracy_keep=0.5,
+        n_grid=5,
+        n_check=2,
+        n_demo=2,
+        max_new_tokens=2,
+        heal_data=str(tmp_path / "heal.txt"),
+        n_heal=8,
+        n_heldout=4,
+        heal_presets=["mistral-healing", "ffn-healing"],
+        heal_overrides={"steps": 1, "batch_size": 4, "grad_accum": 1, "max_length": 32, "warmup_steps": 0},
+        device="cpu",
+    )
+    r = step.run(p)
+
+    m = load(run_dir)
+    assert m == json.loads(json.dumps(r.manifest.data, default=str))  # saved last, as returned
+    assert list(m["outputs"]) == ["thresholds", "stage_ab", "stage_full", "healed_a", "router_report", "figures"]
+    assert m["inputs"]["base"]["path"] == str(on_disk / "base") and m["params"]["N_GRID"] == 5
+    assert m["metrics"]["full_max_abs_logit_diff"] == 0.0 and m["metrics"]["full_equals_base_tensors"] is True
+    assert m["metrics"]["layers"] == {"A": 5, "AB": 7, "FULL": 8} and m["metrics"]["n_calib"] == 9
+    held = {k for k in m["metrics"] if k.startswith("held_out_")}
+    assert held == {f"held_out_only_{st}" for st in STAGES} | {"held_out_mix", "held_out_accuracy"}
+    assert set(m["metrics"]["heal_loss"]) == {"A", "A healed (mistral-healing)", "A healed (ffn-healing)", "FULL"}
+    th = Thresholds.load(output_path(m, "thresholds"), fingerprint=fingerprint(on_disk / "A"))
+    assert th.method == "accuracy" and th.to_dict() == json.loads((run_dir / "thresholds_accuracy.json").read_text())
+    assert (run_dir / "healed_a").is_dir() and (run_dir / "healed_a_ffn-healing").is_dir()
+    assert (
+        set(json.loads(output_path(m, "router_report").read_text()))
+        == set(r.report)
+        == {
+            "stage_checks",
+            "layers",
+            "thresholds",
+            "held_out",
+            "auroc_entropy_flags_errors",
+            "router_demo",
+            "full_vs_base",
+            "healing",
+            "healing_training",
+        }
+    )
+    assert len(r.scores) == len(pd.read_csv(run_dir / "scores.csv")) == m["metrics"]["n_questions"]
+    assert len(pd.read_csv(run_dir / "tradeoff.csv")) == len(r.curve) and len(r.demo) == 2
+    assert list(r.by_category.columns) == [f"correct_{st}" for st in STAGES]
+    assert (
+        {f.name for f in (run_dir / "figures").glob("*.png")}
+        == {f.name for f in r.figures.values()}
+        == {
+            "entropy_by_correctness.png",
+            "tradeoff.png",
+            "healing.png",
+        }
+    )

@@ -13,6 +13,7 @@ import torch
 from helpers.core.checkpoint import Checkpoint
 from helpers.core.manifest import load as load_manifest
 from helpers.core.models import load_check
+from helpers.toy import measure
 from helpers.toy import tasks as toy_tasks
 from helpers.toy import world as toy
 from helpers.toy.train import encode_pairs
@@ -58,7 +59,7 @@ def test_schema_holds_on_every_row(tmp_path):
     spec["data"].update(train=200)  # full-size test and validation splits, a smaller train split
     toy.write_data(tmp_path, spec, seed=0)
     rows = {s: _read(tmp_path, s) for s in SPLITS}
-    for split, rs in rows.items():
+    for _split, rs in rows.items():
         for r in rs:
             toy_tasks.check_row(r)
             assert r["answer"] == "ABCDEFGHIJ"[r["answer_index"]]
@@ -150,7 +151,7 @@ def test_manifest_records_accuracy_and_experts(world):
     cats = set(toy_tasks.CATEGORIES)
     n_test = toy.spec_for(quick=True)["data"]["test"] * len(cats)
     n_cot = toy.spec_for(quick=True)["eval_cot"]["per_category"] * len(cats)
-    assert set(m["accuracy"]) == set(toy.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot"}
+    assert set(m["accuracy"]) == set(measure.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot"}
     for scoring, by_model in m["accuracy"].items():
         for kind in ("mixtral", "mistral"):
             acc = by_model[kind]
@@ -160,7 +161,7 @@ def test_manifest_records_accuracy_and_experts(world):
                 assert acc["n_unparsed"] == 0
     ch = m["chance"]
     assert set(ch["per_category"]) == cats
-    assert m["targets"] == {k: toy.headroom(a, ch) for k, a in m["accuracy"]["cloze"].items()}
+    assert m["targets"] == {k: measure.headroom(a, ch) for k, a in m["accuracy"]["cloze"].items()}
     freq = torch.tensor(m["experts"]["router_frequency"])
     assert freq.shape[1] == 8 and torch.allclose(freq.sum(1), torch.ones(len(freq)), atol=1e-3)
     assert m["experts"]["pairwise_rel_distance"]["min"] > 0
@@ -181,10 +182,13 @@ def test_manifest_accuracy_is_what_helpers_eval_scores_from_disk(world):
     model = load_check(world / "mistral").eval()
     tok = AutoTokenizer.from_pretrained(world / "mistral")
     raw, norm = mmlu_pro.evaluate(model, tok, questions, mode="cloze", progress=False)
-    assert toy.accuracy_block(raw) == m["cloze"]["mistral"] and toy.accuracy_block(norm) == m["cloze_norm"]["mistral"]
+    assert (
+        measure.accuracy_block(raw) == m["cloze"]["mistral"]
+        and measure.accuracy_block(norm) == m["cloze_norm"]["mistral"]
+    )
     assert m["cloze"]["mistral"]["overall"] == round(sum(raw.correct) / len(questions), 4)
     (loglik,) = mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", progress=False)
-    assert toy.accuracy_block(loglik) == m["loglik"]["mistral"]
+    assert measure.accuracy_block(loglik) == m["loglik"]["mistral"]
 
 
 def test_finetune_set_is_a_subset_of_categories(world, tmp_path):

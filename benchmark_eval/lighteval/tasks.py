@@ -3,7 +3,7 @@
 Reads the data named by $MMLU_PRO_DATA (a local dir in the hub layout, default the hub id
 TIGER-Lab/MMLU-Pro); prompts are exactly helpers.eval.mmlu_pro's. Tasks: mmlu_pro_loglik, mmlu_pro_cot.
 
-Usage: `lighteval vllm "model_name=mistralai/Mistral-7B-v0.1,dtype=bfloat16" "mmlu_pro_loglik|0" --custom-tasks benchmark_eval/lighteval/tasks.py`
+Usage: `lighteval vllm "model_name=MODEL" "mmlu_pro_loglik|0" --custom-tasks benchmark_eval/lighteval/tasks.py`
 """
 
 import os

@@ -1,6 +1,8 @@
 """Step 06: every variant the earlier steps produced (from their manifests), evaluated the same way.
 
-Usage: `found, notes = collect(manifests, {}); evaluate_all(found, "eval_results/toy", plan, data)`
+`suite.run(params)` is the step (notebook 06's Run cell); `variants` finds and scores the variants.
+
+Usage: `from helpers.benchmarks import suite; result = suite.run(params)`
 """
 
 from helpers.core.lazy import lazy_names
@@ -18,5 +20,6 @@ __all__, __getattr__ = lazy_names(
             "evaluate_routed",
             "evaluate_all",
         ],
+        "suite": ["BenchmarkResult", "run", "manifests", "plan_of", "draw"],
     },
 )

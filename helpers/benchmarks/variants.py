@@ -3,9 +3,10 @@
 Each manifest names its outputs (shared contract): toy world "mixtral"/"mistral"/"mmlu_pro",
 01 "merged", 03 "standard"/"consolidated", 04 "stage_a"/"bundles", 05 "stage_ab"/"stage_full"/
 "healed_a"/"thresholds". A missing manifest or output is skipped with a note, never an error, so
-the notebook runs on whatever part of the story exists.
+the notebook runs on whatever part of the story exists. Notes name paths `results.portable`
+(repo-relative under the repo), as summary.md and the manifest record them.
 
-Usage: `vs, notes = collect({"world": "runs/toy/world/manifest.json", "prune": "runs/toy/03_expert_prune/manifest.json"})`
+Usage: `vs, notes = collect({"world": "runs/toy/world/manifest.json", "prune": "runs/toy/03_expert_prune"})`
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _manifests(paths: dict) -> tuple[dict[str, dict], list[str]]:
     for key, p in paths.items():
         if not p:
             notes.append(f"no {key} manifest given")
-        elif not Path(p).is_file():
-            notes.append(f"{key} manifest {p} does not exist (step not run yet)")
+        elif not (Path(p).is_file() or manifest.resolve(p).is_file()):
+            notes.append(f"{key} manifest {results.portable(p)} does not exist (step not run yet)")
         else:
             found[key] = (str(p), manifest.load(p))
     return found, notes
@@ -64,10 +65,11 @@ def _output(found: dict, key: str, name: str) -> tuple[str | None, str | None]:
     path, m = found[key]
     out = m.get("outputs", {}).get(name)
     if out is None:
-        return None, f"{path} has no output {name!r}"
-    if not Path(out["path"]).exists():
-        return None, f"{out['path']} (output {name!r} of {path}) is not on disk"
-    return out["path"], None
+        return None, f"{results.portable(path)} has no output {name!r}"
+    on_disk = manifest.resolve(out["path"])  # recorded repo-relative: from the repo root, as is
+    if not on_disk.exists():
+        return None, f"{results.portable(out['path'])} (output {name!r} of {results.portable(path)}) is not on disk"
+    return str(on_disk), None
 
 
 def collect(paths: dict, models: dict | None = None) -> tuple[list[Variant], list[str]]:
@@ -137,7 +139,7 @@ def data_of(world_manifest) -> str | None:
     """The MMLU-Pro dir of the toy world (its "mmlu_pro" output), if there is one."""
     if world_manifest and Path(world_manifest).is_file():
         out = manifest.load(world_manifest).get("outputs", {}).get("mmlu_pro")
-        return out["path"] if out else None
+        return str(manifest.resolve(out["path"])) if out else None
     return None
 
 
@@ -182,7 +184,7 @@ def evaluate_routed(
             stages,
             tok,
             qs,
-            lambda qq: choose([prompt(q) for q in qq]),
+            lambda qq, prompt=prompt: choose([prompt(q) for q in qq]),  # called within this mode's pass
             mode=mode,
             shots=shots,
             batch_size=plan.batch_size,

@@ -63,7 +63,7 @@ def fsync_tree(root: Path) -> None:
 
 
 def refuse_existing(target, overwrite: bool = False) -> Path:
-    """Raise FileExistsError if `target` exists and not `overwrite`; call it before slow work that ends in atomic_dir."""
+    """Raise FileExistsError if `target` exists and not `overwrite`; call before slow work ending in atomic_dir."""
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")

@@ -1,6 +1,6 @@
 """Lazy package namespaces: a step package offers its public names without importing torch up front.
 
-Usage (a package's __init__): `__all__, __getattr__ = lazy_names(globals(), {"scores": ["router_stats"]})`
+Usage: `__all__, __getattr__ = lazy_names(globals(), {"scores": ["router_stats"]})` (in a package's __init__)
 
 `from helpers.experts import router_stats` then imports `helpers.experts.scores` on first use only,
 so the CLI's `--help` and torch-free paths (expert-prune's byte copies) stay torch-free.

@@ -1,10 +1,16 @@
 """Run manifests: what a step was given, what it wrote (with sha256), versions, timings, metrics.
 
+Paths are recorded so a manifest means the same on any machine: a path under the repo root is
+written relative to it ("runs/toy/04_layer_drop_mistral/A"), never as this machine's absolute path;
+anything else (a hub id, a directory outside the repo) as given. Readers (`output_path`,
+`input_path`, `load`) resolve a relative path against the repo root, so they work from any cwd.
+
 Usage: `m = Manifest("03_expert_prune", params); m.input("scores", p); ...; m.save(run_dir)`
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -29,6 +35,62 @@ PACKAGES = (
     "numpy",
 )
 FILENAME = "manifest.json"
+
+
+def repo_root() -> Path | None:
+    """The checkout this code runs from (None when installed elsewhere: paths are then kept as given)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").exists() and (root / "helpers").is_dir() else None
+
+
+ROOT = repo_root()
+
+
+def _under_root(path: Path) -> str | None:
+    """`path` (absolute) relative to the repo root as a posix string, or None when outside it."""
+    if ROOT is None:
+        return None
+    for p in {Path(os.path.abspath(path)), path.resolve()}:  # as written, and with symlinks followed
+        try:
+            return p.relative_to(ROOT).as_posix() or "."
+        except ValueError:
+            continue
+    return None
+
+
+def portable(path) -> str:
+    """How a path is recorded: repo-relative when under the repo root, else as given (a hub id stays a hub id)."""
+    p = Path(path)
+    if not (p.is_absolute() or p.exists()):  # a hub id, or a path that is not there (yet)
+        return str(path)
+    rel = _under_root(p)
+    if rel is not None:
+        return rel
+    return str(p) if p.is_absolute() else os.path.abspath(p)  # outside the repo: absolute, cwd-independent
+
+
+def _portable_values(value):
+    """Absolute paths under the repo root made relative, in strings, Paths, lists and dicts (params, metrics)."""
+    if isinstance(value, Path) or (isinstance(value, str) and os.path.isabs(value)):
+        rel = _under_root(Path(value))
+        return rel if rel is not None else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_portable_values(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _portable_values(v) for k, v in value.items()}
+    return value
+
+
+def resolve(path) -> Path:
+    """A recorded path usable from the current directory: relative ones are relative to the repo root.
+
+    From the repo root itself (where notebooks, the runner and `step` run) the path stays relative,
+    so what a step writes from it (results.json, plans) stays portable too.
+    """
+    p = Path(path)
+    if p.is_absolute() or ROOT is None or Path.cwd().resolve() == ROOT:
+        return p
+    return ROOT / p
 
 
 def versions() -> dict[str, str]:
@@ -58,11 +120,11 @@ def git_sha(cwd=None) -> str | None:
 
 
 def describe(path, hash: bool = True) -> dict:
-    """{path, sha256, bytes} of a file or directory; a hub id (not on disk) is kept as a string."""
+    """{path, sha256, bytes} of a file or directory (path as `portable` records it); a hub id is kept as given."""
     p = Path(path)
     if not p.exists():
-        return {"path": str(path), "sha256": None, "bytes": None, "note": "not on disk (hub id?)"}
-    return {"path": str(p), "sha256": tree_sha256(p) if hash else None, "bytes": dir_bytes(p)}
+        return {"path": portable(path), "sha256": None, "bytes": None, "note": "not on disk (hub id?)"}
+    return {"path": portable(p), "sha256": tree_sha256(p) if hash else None, "bytes": dir_bytes(p)}
 
 
 class Manifest:
@@ -112,21 +174,40 @@ class Manifest:
             self.data["timings_s"][name] = round(time.perf_counter() - t, 3)
 
     def save(self, run_dir) -> Path:
-        return write_json(Path(run_dir) / FILENAME, self.data)
+        """Write `<run_dir>/manifest.json`; absolute paths under the repo root are made relative first."""
+        data = dict(
+            self.data, params=_portable_values(self.data["params"]), metrics=_portable_values(self.data["metrics"])
+        )
+        for kind in ("inputs", "outputs"):  # also paths set directly in .data (the toy world renames its temp dir)
+            data[kind] = {n: dict(d, path=_portable_values(d["path"])) for n, d in self.data[kind].items()}
+        return write_json(Path(run_dir) / FILENAME, data)
 
 
 def load(path) -> dict:
-    """A manifest dict from its file or its run directory."""
+    """A manifest dict from its file or its run directory (a relative path not found here: from the repo root)."""
     p = Path(path)
+    if not p.exists():
+        p = resolve(p)
     return read_json(p / FILENAME if p.is_dir() else p)
 
 
 def output_path(manifest, name: str) -> Path:
-    """Path of a named output of a manifest (dict, file or run dir); error names what exists."""
+    """Path of a named output of a manifest (dict, file or run dir), usable from any cwd; error names what exists."""
+    return resolve(_entry(manifest, "outputs", name)["path"])
+
+
+def input_path(manifest, name: str) -> str:
+    """A named input of a manifest: a path on disk as `output_path` gives it, a hub id as recorded."""
+    recorded = _entry(manifest, "inputs", name)["path"]
+    p = resolve(recorded)
+    return str(p) if p.exists() else recorded
+
+
+def _entry(manifest, kind: str, name: str) -> dict:
     m = manifest if isinstance(manifest, dict) else load(manifest)
     try:
-        return Path(m["outputs"][name]["path"])
+        return m[kind][name]
     except KeyError:
         raise KeyError(
-            f"manifest of step {m.get('step')!r} has no output {name!r}; it has {sorted(m['outputs'])}"
+            f"manifest of step {m.get('step')!r} has no {kind[:-1]} {name!r}; it has {sorted(m.get(kind, {}))}"
         ) from None

@@ -1,6 +1,6 @@
 """Evaluation: MMLU-Pro (cot, loglik, cloze), LightEval offline, one results schema per variant.
 
-Usage: `python -m helpers evaluate --model DIR --bench mmlu-pro --mode cloze --data runs/toy/world/mmlu_pro --out eval_results/toy/base/`
+Usage: `python -m helpers evaluate --model DIR --mode cloze --data runs/toy/world/mmlu_pro --out eval_results/toy/base`
 """
 
 from helpers.core.lazy import lazy_names
@@ -18,9 +18,8 @@ __all__, __getattr__ = lazy_names(
             "measure_speed",
         ],
         "lighteval_run": ["task_configs", "only_our_tasks", "run_lighteval"],
-        "mmlu_pro": [
+        "mmlu_data": [
             "LETTERS",
-            "MODES",
             "Question",
             "to_question",
             "take",
@@ -28,6 +27,9 @@ __all__, __getattr__ = lazy_names(
             "write_dataset",
             "synthetic_rows",
             "question_rows",
+        ],
+        "mmlu_pro": [
+            "MODES",
             "options_block",
             "cot_example",
             "cot_prompt",
@@ -47,6 +49,7 @@ __all__, __getattr__ = lazy_names(
             "route_and_score",
         ],
         "results": [
+            "portable",
             "checkpoint_stats",
             "config_block",
             "parent_manifest_of",

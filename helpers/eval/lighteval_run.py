@@ -10,12 +10,19 @@ never imported), the chat template is off, the prediction cache goes to a fresh 
 disabled. LightEval's own results/ and details/ are kept under `<out>/lighteval/<mode>/`, the
 latest run of each mode (a later loglik run leaves the cot output that results.json points at).
 
-Usage: `tasks = run_lighteval("runs/toy/world/mistral", questions, shots, "eval_results/toy/mistral", modes=("loglik",))`
+LightEval writes its model and task configs into its results json, paths included: the temp dir
+(`cache_dir`, and `hf_repo`, the temp copy of the scored questions, both deleted after the run) and
+the tokenizer / model dirs as this process saw them. The kept files name the temp dir `<tmp>` and the
+model by its `source` (`results.portable`: repo-relative under the repo, a hub id as given), so
+committed results carry no machine's absolute path (`_make_portable`; the numbers are untouched).
+
+Usage: `tasks = run_lighteval("runs/toy/world/mistral", questions, shots, "eval_results/toy/mistral", ("loglik",))`
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import time
@@ -25,9 +32,11 @@ from pathlib import Path
 
 from helpers.eval import mmlu_pro
 from helpers.eval.mmlu_pro import Question, TaskResult
+from helpers.eval.results import portable
 
 TASKS = {"loglik": "mmlu_pro_loglik", "cot": "mmlu_pro_cot"}
 RESULT_NAMES = {"loglik": "lighteval_loglik", "cot": "lighteval_cot"}
+TMP = "<tmp>"  # what kept files say for the run's temp dir (deleted after the run)
 
 
 def _extract_metric():
@@ -170,12 +179,15 @@ def run_lighteval(
     device: str | None = None,
     dtype: str = "float32",
     name: str | None = None,
+    source=None,
 ) -> list[TaskResult]:
     """Evaluate `model` (checkpoint dir, or an in-memory model with `tokenizer` a dir) with lighteval.
 
     The questions are written as a local dataset so lighteval scores exactly the same set; its
-    own output lands in `<out_dir>/lighteval/<mode>/`. Returns one TaskResult per mode (task names
-    lighteval_loglik / lighteval_cot), with lighteval's aggregate kept as `lighteval_acc`.
+    own output lands in `<out_dir>/lighteval/<mode>/`, its paths made portable (`source`: how those
+    files name the model dir / tokenizer dir, e.g. the hub id they came from; default: the dir itself).
+    Returns one TaskResult per mode (task names lighteval_loglik / lighteval_cot), with lighteval's
+    aggregate kept as `lighteval_acc`.
     """
     with _keep_grad_mode():
         return _run_lighteval(
@@ -193,6 +205,7 @@ def run_lighteval(
             device,
             dtype,
             name,
+            source,
         )
 
 
@@ -211,6 +224,7 @@ def _run_lighteval(
     device,
     dtype,
     name,
+    source,
 ) -> list[TaskResult]:
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.models.transformers.transformers_model import TransformersModelConfig
@@ -226,8 +240,10 @@ def _run_lighteval(
 
         device = str(model_device(model)) if in_memory else default_device()
     n_choices = max(len(q.options) for q in questions)
+    subs = {str(p): portable(source or p) for p in (tokenizer, None if in_memory else model) if p is not None}
     out = []
     with tempfile.TemporaryDirectory(prefix="lighteval-") as tmp:
+        subs |= {tmp: TMP, str(Path(tmp).resolve()): TMP}
         data_dir = _write_subset(questions, shots, Path(tmp) / "data")
         for mode in modes:  # one pipeline per mode: loglik batches count (question, option) rows
             le_out = Path(out_dir) / "lighteval" / mode
@@ -267,6 +283,7 @@ def _run_lighteval(
             pipe.evaluate()
             seconds = time.perf_counter() - t
             pipe.save_and_push_results()
+            _make_portable(le_out, subs, None if in_memory else cfg.model_name)
             out.append(
                 _convert(
                     dict(tracker.metrics_logger.metric_aggregated),
@@ -279,6 +296,28 @@ def _run_lighteval(
                 )
             )
     return out
+
+
+def _make_portable(le_out: Path, subs: dict[str, str], model_name: str | None = None) -> None:
+    """Rewrite the paths LightEval wrote into its results json (`subs`: old prefix -> new, longest first,
+    as JSON-escaped text so the rest of the file stays byte for byte); a checkpoint-dir run's details
+    dir, named after the dir, moves to the portable name."""
+    pairs = [(json.dumps(o)[1:-1], json.dumps(n)[1:-1]) for o, n in subs.items() if o and o != n]
+    pairs.sort(key=lambda p: -len(p[0]))  # a dir inside another is rewritten before its parent
+    for f in le_out.rglob("results_*.json"):
+        text = f.read_text()
+        for old, new in pairs:
+            text = text.replace(old, new)
+        f.write_text(text)
+    new_name = subs.get(model_name, model_name) if model_name else None
+    if new_name and new_name != model_name:
+        old_dir, new_dir = le_out / "details" / model_name.strip("/"), le_out / "details" / new_name.strip("/")
+        if old_dir.is_dir():
+            new_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(old_dir, new_dir)
+            for d in [*old_dir.parents][: len(old_dir.relative_to(le_out / "details").parts) - 1]:
+                if not any(d.iterdir()):
+                    d.rmdir()  # the now empty dirs the absolute name left
 
 
 def _convert(

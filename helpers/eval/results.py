@@ -6,6 +6,9 @@
      "speed":   {prefill_tok_s, decode_tok_s, peak_memory_bytes, memory_kind, device, ...}}
 `samples/<task>.jsonl` beside it: one row per question {question_id, category, answer, pred, output}.
 Tasks: mmlu_pro_cot, mmlu_pro_loglik, mmlu_pro_cloze, mmlu_pro_cloze_norm, lighteval_loglik, lighteval_cot.
+Paths in the config block (model, parent_manifest, data, thresholds, bundles) are `portable`: relative
+to the repo root when they lie under it, else as given (a hub id stays a hub id), so committed results
+never carry a machine's absolute path; paths to sample files are relative to the results dir.
 
 Usage: `write_results("eval_results/toy/base", config_block(model_dir, "base"), task_results, speed)`
 """
@@ -19,9 +22,17 @@ from pathlib import Path
 
 from helpers.core.fsutil import read_json, write_json, write_jsonl, write_text
 from helpers.core.manifest import git_sha, versions
+from helpers.core.manifest import portable as manifest_portable
 
 RESULTS = "results.json"
 SAMPLES = "samples"
+PATH_KEYS = ("data", "thresholds", "bundles")  # config_block extras that name a file, dir or hub id
+
+
+def portable(path) -> str | None:
+    """How results name a path: `helpers.core.manifest.portable` (the manifests' rule: relative to the repo
+    root when under it, else as given; a hub id stays a hub id); None stays None."""
+    return None if path is None else manifest_portable(path)
 
 
 def checkpoint_stats(paths: Sequence) -> tuple[int | None, int | None]:
@@ -49,12 +60,16 @@ def checkpoint_stats(paths: Sequence) -> tuple[int | None, int | None]:
 def config_block(
     model, variant: str, *, parent_manifest=None, dtype: str | None = None, weights: Sequence | None = None, **extra
 ) -> dict:
-    """The config part of results.json; `weights` lists the dirs whose bytes make the variant (default: model)."""
+    """The config part of results.json; `weights` lists the dirs whose bytes make the variant (default: model).
+
+    `model`, `parent_manifest` and the PATH_KEYS extras are recorded `portable`.
+    """
     params, size = checkpoint_stats(weights or [model])
+    extra = {k: portable(v) if k in PATH_KEYS and isinstance(v, (str, Path)) else v for k, v in extra.items()}
     return {
-        "model": str(model),
+        "model": portable(model),
         "variant": variant,
-        "parent_manifest": str(parent_manifest) if parent_manifest else None,
+        "parent_manifest": portable(parent_manifest) if parent_manifest else None,
         "dtype": dtype,
         "params": params,
         "bytes_on_disk": size,

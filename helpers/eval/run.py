@@ -1,6 +1,6 @@
 """Evaluate one model: run MMLU-Pro modes and LightEval per a Plan, measure speed, merge into results.json.
 
-Usage: `evaluate_dir("runs/toy/world/mistral", "eval_results/toy/mistral_base", Plan(modes=("cloze", "loglik")), data="runs/toy/world/mmlu_pro")`
+Usage: `evaluate_dir("runs/toy/world/mistral", "eval_results/toy/mistral_base", Plan(), data="runs/toy/world/mmlu_pro")`
 """
 
 from __future__ import annotations
@@ -42,9 +42,21 @@ def free() -> None:
 
 
 def score_tasks(
-    model, tok, questions, shots, plan: Plan, tokenizer_dir=None, out_dir=None, name=None, progress: bool = True
+    model,
+    tok,
+    questions,
+    shots,
+    plan: Plan,
+    tokenizer_dir=None,
+    out_dir=None,
+    name=None,
+    progress: bool = True,
+    source=None,
 ) -> list:
-    """Every task of `plan` on one in-memory model (LightEval needs `tokenizer_dir` and `out_dir`)."""
+    """Every task of `plan` on one in-memory model (LightEval needs `tokenizer_dir` and `out_dir`).
+
+    `source`: how LightEval's kept files name the model (the hub id or dir given); default `tokenizer_dir`.
+    """
     tasks = []
     for mode in plan.modes:
         if mode == "cot":
@@ -88,6 +100,7 @@ def score_tasks(
             cot_shots=plan.cot_shots,
             max_new_tokens=plan.max_new_tokens,
             name=name,
+            source=source,
         )
     return tasks
 
@@ -112,9 +125,13 @@ def evaluate_dir(
 ) -> Path:
     """Score one checkpoint (dir or hub id) per `plan` and merge the tasks into `<out_dir>/results.json`.
 
+    results.json names the model as given (`results.portable`: repo-relative when under the repo), not
+    the local snapshot a hub id resolves to.
+
     `loaded`: `mmlu_pro.load(data)` already done by the caller (questions, shots), so that several
     variants read the data once.
     """
+    source = model_dir  # recorded as given (a hub id stays one), loaded from its local dir
     model_dir = checked_dir(model_dir)
     device = default_device()
     dtype = dtype or default_dtype(device)
@@ -123,15 +140,16 @@ def evaluate_dir(
     questions, shots = loaded or mmlu_pro.load(data)
     variant = variant or Path(out_dir).name
     cfg = results.config_block(
-        model_dir,
+        source,
         variant,
+        weights=[model_dir],
         dtype=dtype,
         data=str(data or mmlu_pro.HUB_ID),
         parent_manifest=parent_manifest or results.parent_manifest_of(model_dir),
         plan=asdict(plan),
     )
     model, tok = load_model(model_dir, dtype, device)
-    tasks = score_tasks(model, tok, questions, shots, plan, model_dir, out_dir, variant, progress)
+    tasks = score_tasks(model, tok, questions, shots, plan, model_dir, out_dir, variant, progress, source)
     path = results.write_results(out_dir, cfg, tasks, speed_of(model, plan))
     del model
     free()

@@ -8,17 +8,18 @@ from helpers.core.lazy import lazy_names
 __all__, __getattr__ = lazy_names(
     globals(),
     {
+        "heatmaps": ["HeatmapsResult"],
         "prune": [
             "validate_plan",
             "plan_expert_prune",
             "save_plan",
             "load_plan",
-            "pruned_config",
-            "prune_entries",
+            "make_plan",
             "apply_expert_prune",
             "size_table",
             "masked_router",
             "logit_check",
+            "ExpertPruneResult",
         ],
         "scores": [
             "delta_from_checkpoints",
@@ -38,6 +39,14 @@ __all__, __getattr__ = lazy_names(
             "rank_agreement",
             "finetune_sources",
         ],
-        "view": ["moe_family", "expert_layout", "check_expert_layout", "ByteRange", "ExpertView"],
+        "view": [
+            "moe_family",
+            "expert_layout",
+            "check_expert_layout",
+            "ByteRange",
+            "ExpertView",
+            "pruned_config",
+            "prune_entries",
+        ],
     },
 )

@@ -7,24 +7,43 @@ is copied as a byte range (a fused tensor's [e, rows] block is contiguous) and e
 kept rows' byte ranges, so the prune reads only what it keeps and never deserialises a tensor
 (torch is not even imported on the command-line path).
 
-Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/", layout="both")`
+`run(p)` is step 03, notebook 03's Run cell: plan from notebook 02's scores (saved first as
+RUN_DIR/plan.json), prune into RUN_DIR/pruned, check (logits, load), draw RUN_DIR/figures/
+{kept_experts,sizes}.png and save RUN_DIR/manifest.json last. The `expert-prune` command is its
+plan and prune alone (`make_plan` + `apply_expert_prune`), the same files for the same inputs.
+
+Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/", layout="both")`; `run(params)`
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from helpers.core import arch
-from helpers.core.checkpoint import Checkpoint, CheckpointError, Entry, copied, local_dir, rows_of, write_checkpoint
+from helpers.core.checkpoint import Checkpoint, CheckpointError, local_dir
 from helpers.core.fsutil import atomic_dir, read_json, write_json
+from helpers.core.manifest import Manifest, input_path, output_path
+from helpers.core.manifest import load as load_manifest
+from helpers.core.steps import Params, notebook_defaults
 from helpers.core.verify import compare
-from helpers.experts.view import ExpertView, check_expert_layout, expert_layout, moe_family
+from helpers.core.writer import copied, write_checkpoint
+from helpers.experts.view import (
+    ExpertView,
+    check_expert_layout,
+    expert_layout,
+    moe_family,
+    prune_entries,
+    pruned_config,
+)
 
 LAYOUTS = ("standard", "consolidated", "both")
 RECORD = "manifest.json"
+STEP = "03_expert_prune"
+NOTEBOOK = f"notebooks/{STEP}.ipynb"  # its parameters cell holds run()'s defaults (and the command line's)
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -118,53 +137,24 @@ def load_plan(path) -> dict:
     return read_json(path)
 
 
+def make_plan(model_dir, *, scores=None, criterion: str = "delta_l2", keep: int | None = None, plan=None) -> dict:
+    """The plan for `model_dir`: a saved `plan` (plan.json) checked against it, or the top `keep` by
+    `criterion` of a `scores` file (scores.json)."""
+    config = arch.read_config(model_dir)
+    if plan:
+        if scores or keep is not None:
+            raise ValueError("--plan excludes --scores/--keep (the plan already says what to keep)")
+        loaded = load_plan(plan)
+        validate_plan(loaded, config, name=str(plan))
+        return loaded
+    if not scores or keep is None:
+        raise ValueError("give --plan PLAN.json, or --scores SCORES.json with --keep K")
+    from helpers.experts.scores import load_scores  # torch: only this path needs it
+
+    return plan_expert_prune(config, scores=load_scores(scores), criterion=criterion, k=keep, scores_name=str(scores))
+
+
 # ---- apply ------------------------------------------------------------------------------------
-def pruned_config(config: dict, k: int) -> dict:
-    fam = moe_family(config)
-    return {**config, fam.experts_key: k}
-
-
-def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
-    """Output tensors in source order: non-expert tensors copied, kept experts as renamed byte ranges."""
-    ck, E = view.ck, view.n_experts
-    legacy = arch.LEGACY
-    for l, ids in keep.items():  # fail before writing if a kept tensor is absent
-        for e in ids:
-            for w in arch.EXPERT_WEIGHTS:
-                view.byte_range(l, e, w)
-    routers = {view.router_name(l): l for l in range(view.n_layers)}
-
-    def expert(l: int, e: int, new: int, w: str) -> Entry:
-        br = view.byte_range(l, e, w)
-        return Entry(
-            legacy.experts[w].format(l=l, e=new),
-            br.dtype,
-            br.shape,
-            br.shard,
-            src=(ck.path / br.shard, br.start, br.end),
-        )
-
-    entries = []
-    for name in ck.keys():
-        if name in routers:
-            l = routers[name]
-            out = legacy.router.format(l=l)
-            if keep[l] == list(range(E)):
-                entries.append(copied(ck, name, out))
-            else:
-                entries.append(rows_of(ck, name, keep[l], out))  # [E, H] -> [k, H]
-        elif m := arch.LEGACY_EXPERT_RE.match(name):
-            l, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
-            if e in keep[l]:
-                entries.append(expert(l, e, keep[l].index(e), w))
-        elif m := arch.FUSED_EXPERT_RE.match(name):
-            l, roles = int(m.group(1)), arch.FUSED_ROLES[m.group(2)]
-            entries += [expert(l, e, new, w) for new, e in enumerate(keep[l]) for w in roles]
-        else:
-            entries.append(copied(ck, name))
-    return entries
-
-
 def apply_expert_prune(
     model_dir, plan: dict, out, layout: str = "standard", max_shard_size=None, overwrite: bool = False
 ) -> dict:
@@ -220,8 +210,6 @@ def apply_expert_prune(
 
 def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
     """OUT/manifest.json: what was pruned from what, the layouts written and their verification."""
-    from helpers.core.manifest import Manifest
-
     m = Manifest(
         "expert_prune",
         {
@@ -308,25 +296,98 @@ def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", *
     return {"max_abs_diff": worst, "n_tokens": n, "n_texts": len(texts)}
 
 
+# ---- step 03 ----------------------------------------------------------------------------------
+@dataclass
+class ExpertPruneResult:
+    """What notebook 03 shows: the saved manifest, the plan, the pruned layouts, their checks and figures."""
+
+    manifest: Manifest
+    model: str  # the checkpoint pruned (notebook 02's merged model unless MODEL)
+    scores: Path  # notebook 02's scores.json
+    plan: dict  # as saved to RUN_DIR/plan.json (and inside every layout)
+    plan_path: Path
+    record: dict  # apply_expert_prune's record: paths, bytes, params, shards, layout comparison
+    sizes: object  # DataFrame: params, GB and shards before and after (size_table)
+    check: dict  # logit check {max_abs_diff, n_tokens, n_texts}; {} without LOGIT_CHECK
+    figures: dict[str, Path]  # kept_experts, sizes -> RUN_DIR/figures/<name>.png
+
+    @property
+    def paths(self) -> dict[str, str]:
+        return self.record["paths"]
+
+    @property
+    def verification(self) -> dict:
+        return {"layouts": self.record.get("compare", "single layout"), **self.check}
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)  # the notebook shows the saved file, not a second copy
+    return path
+
+
+def run(p: Params) -> ExpertPruneResult:
+    """Plan (saved first), prune, draw, check and record step 03 (notebook 03's parameters)."""
+    from helpers import plots  # matplotlib: not on the command line's torch-free path
+    from helpers.core.models import load_check
+
+    run_dir = Path(p.run_dir)
+    manifest = Manifest(STEP, {k: v for k, v in p.items() if k != "ROOT"})
+    m02 = load_manifest(p.scores_manifest)
+    scores_path = output_path(m02, "scores")
+    model_dir = p.model or input_path(m02, "merged")
+    plan = make_plan(model_dir, scores=scores_path, criterion=p.criterion, keep=p.keep)
+    plan_path = save_plan(run_dir / "plan.json", plan)
+    with manifest.timer("prune"):  # a rerun replaces this step's earlier prune
+        rec = apply_expert_prune(
+            model_dir, plan, run_dir / "pruned", layout=p.layout, max_shard_size=p.max_shard_size, overwrite=True
+        )
+
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    kept = plots.kept_experts(plan["keep"], plan["n_experts"], title=f"Experts kept per layer by {p.criterion}")
+    sizes = size_table(rec)
+    figures = {"kept_experts": _save(kept, fig_dir / "kept_experts.png")}
+    figures["sizes"] = _save(plots.size_bars(sizes), fig_dir / "sizes.png")
+    paths = rec["paths"]
+    check = {}
+    if p.logit_check:  # the standard layout when written; the consolidated one is load-checked below
+        pruned = paths.get("standard") or paths["consolidated"]
+        check = logit_check(model_dir, pruned, plan, p.check_texts, dtype=p.dtype, device_map=p.device_map)
+    if "consolidated" in paths:  # raises on any missing / unexpected / mismatched key
+        load_check(paths["consolidated"], dtype="auto", own=False, device_map=p.device_map)
+    manifest.metrics(
+        layouts_identical=rec.get("identical"),
+        layouts_compare=rec.get("compare"),
+        logit_max_abs_diff=check.get("max_abs_diff"),
+        bytes_before=rec["bytes"]["before"],
+        bytes_after=rec["bytes"]["after"],
+        params_before=rec["params"]["before"],
+        params_after=rec["params"]["after"],
+        shards=rec["shards"],
+    )
+
+    manifest.input("scores_manifest", p.scores_manifest).input("scores", scores_path)
+    manifest.input("model", model_dir, hash=p.hash_checkpoints)
+    manifest.output("plan", plan_path)
+    for layout, path in paths.items():
+        manifest.output(layout, path, hash=p.hash_checkpoints)
+    manifest.save(run_dir)
+    return ExpertPruneResult(manifest, str(model_dir), scores_path, plan, plan_path, rec, sizes, check, figures)
+
+
 # ---- command line -----------------------------------------------------------------------------
 def cli_expert_prune(args) -> int:
+    """Step 03's plan and prune on any checkpoint: the files run() writes under RUN_DIR/pruned, at --out."""
+    defaults = notebook_defaults(Path(__file__).resolve().parents[2] / NOTEBOOK)  # unset flags: the notebook's
     model = local_dir(args.model)
-    config = arch.read_config(model)
-    if args.plan:
-        if args.scores or args.keep is not None:
-            raise ValueError("--plan excludes --scores/--keep (the plan already says what to keep)")
-        plan = load_plan(args.plan)
-        validate_plan(plan, config, name=args.plan)
-    else:
-        if not args.scores or args.keep is None:
-            raise ValueError("give --plan PLAN.json, or --scores SCORES.json with --keep K")
-        from helpers.experts.scores import load_scores  # torch: only this path needs it
-
-        plan = plan_expert_prune(
-            config, scores=load_scores(args.scores), criterion=args.criterion, k=args.keep, scores_name=args.scores
-        )
+    criterion = args.criterion or defaults["CRITERION"]
+    plan = make_plan(model, scores=args.scores, criterion=criterion, keep=args.keep, plan=args.plan)
+    layout, max_shard_size = args.layout or defaults["LAYOUT"], args.max_shard_size or defaults["MAX_SHARD_SIZE"]
     rec = apply_expert_prune(
-        model, plan, args.out, layout=args.layout, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        model, plan, args.out, layout=layout, max_shard_size=max_shard_size, overwrite=args.overwrite
     )
     b = rec["bytes"]
     print(

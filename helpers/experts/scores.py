@@ -158,7 +158,7 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
 
 
 def delta_from_adapter(adapter_dir, config: dict) -> dict[str, list]:
-    """||scaling * B_e A_e||_F per (layer, expert) from a peft LoRA adapter (see `expert_factors`), without the model."""
+    """||scaling * B_e A_e||_F per (layer, expert) from a LoRA adapter (see `expert_factors`), without the model."""
     v = _shape_of(config)
     sq = {w: np.zeros((v["n_layers"], v["n_experts"])) for w in WEIGHTS}
     for (layer, e, w), f in expert_factors(adapter_dir, config).items():
@@ -357,7 +357,7 @@ def finetune_sources(manifest: dict, base_model: str | None = None) -> dict[str,
     calibration on "toy" reads the world 01 fine-tuned in (the default world if 01 recorded none).
     """
     from helpers.core.data import DEFAULT_WORLD
-    from helpers.core.manifest import output_path
+    from helpers.core.manifest import input_path, output_path
 
     inputs = manifest.get("inputs", {})
     if base_model is None:
@@ -365,10 +365,10 @@ def finetune_sources(manifest: dict, base_model: str | None = None) -> dict[str,
             raise KeyError(
                 f"manifest of step {manifest.get('step')!r} names no base model (input 'base'); pass BASE_MODEL"
             )
-        base_model = inputs["base"]["path"]
+        base_model = input_path(manifest, "base")
     return {
         "adapter": str(output_path(manifest, "adapter")),
         "merged": str(output_path(manifest, "merged")),
         "base": str(base_model),
-        "world": str(inputs["world"]["path"]) if "world" in inputs else DEFAULT_WORLD,
+        "world": input_path(manifest, "world") if "world" in inputs else DEFAULT_WORLD,
     }

@@ -1,9 +1,10 @@
 """Mixtral experts on disk: one view over legacy or fused checkpoints, and a model fingerprint.
 
-Scores (expert_scores.py) and pruning (expert_prune.py) both read experts through `ExpertView`,
+Scores (scores.py) and pruning (prune.py) both read experts through `ExpertView`,
 which hides whether a checkpoint stores `block_sparse_moe.experts.{e}.w1/w2/w3` (hub, legacy) or
 `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] (transformers 5.x fused). Every
-read is a slice: a fused tensor is never loaded whole.
+read is a slice: a fused tensor is never loaded whole. `prune_entries` is the same checkpoint seen
+with only some experts kept: the tensors a prune writes, each a byte range of the source.
 
 Usage: `v = ExpertView("runs/toy/world/mixtral"); w1 = v.read(layer=0, expert=3, w="w1")  # [I, H]`
 """
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from helpers.core import arch
 from helpers.core.checkpoint import DTYPES, Checkpoint, local_dir
+from helpers.core.writer import Entry, copied, rows_of
 
 if TYPE_CHECKING:
     import torch
@@ -147,3 +149,51 @@ class ExpertView:
 
     def close(self):
         self.ck.close()
+
+
+# ---- the checkpoint keeping some experts (what prune.py writes) ------------------------------------
+def pruned_config(config: dict, k: int) -> dict:
+    """`config` with k experts per layer."""
+    fam = moe_family(config)
+    return {**config, fam.experts_key: k}
+
+
+def prune_entries(view: ExpertView, keep: dict[int, list[int]]) -> list[Entry]:
+    """Output tensors in source order: non-expert tensors copied, kept experts as renamed byte ranges."""
+    ck, E = view.ck, view.n_experts
+    legacy = arch.LEGACY
+    for l, ids in keep.items():  # fail before writing if a kept tensor is absent
+        for e in ids:
+            for w in arch.EXPERT_WEIGHTS:
+                view.byte_range(l, e, w)
+    routers = {view.router_name(l): l for l in range(view.n_layers)}
+
+    def expert(l: int, e: int, new: int, w: str) -> Entry:
+        br = view.byte_range(l, e, w)
+        return Entry(
+            legacy.experts[w].format(l=l, e=new),
+            br.dtype,
+            br.shape,
+            br.shard,
+            src=(ck.path / br.shard, br.start, br.end),
+        )
+
+    entries = []
+    for name in ck.keys():
+        if name in routers:
+            l = routers[name]
+            out = legacy.router.format(l=l)
+            if keep[l] == list(range(E)):
+                entries.append(copied(ck, name, out))
+            else:
+                entries.append(rows_of(ck, name, keep[l], out))  # [E, H] -> [k, H]
+        elif m := arch.LEGACY_EXPERT_RE.match(name):
+            l, e, w = int(m.group(1)), int(m.group(2)), m.group(3)
+            if e in keep[l]:
+                entries.append(expert(l, e, keep[l].index(e), w))
+        elif m := arch.FUSED_EXPERT_RE.match(name):
+            l, roles = int(m.group(1)), arch.FUSED_ROLES[m.group(2)]
+            entries += [expert(l, e, new, w) for new, e in enumerate(keep[l]) for w in roles]
+        else:
+            entries.append(copied(ck, name))
+    return entries

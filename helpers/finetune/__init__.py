@@ -1,6 +1,6 @@
 """Step 01: LoRA / QLoRA fine-tuning with peft + trl (recipes in `presets`), and merging adapters into checkpoints.
 
-Usage: `r = train_lora(base, rows, "runs/toy/01/adapter", preset="mixtral-experts"); merge_adapter(base, r.adapter_dir, out)`
+Usage: `r = train_lora(base, rows, "runs/adapter", preset="mixtral-experts"); merge_adapter(base, r.adapter_dir, out)`
 """
 
 from helpers.core.lazy import lazy_names
@@ -19,6 +19,7 @@ __all__, __getattr__ = lazy_names(
             "lora_config",
             "check_lora_targets",
         ],
+        "step": ["FinetuneResult"],
         "train": [
             "sft_dataset",
             "load_kwargs",

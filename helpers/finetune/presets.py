@@ -130,7 +130,7 @@ def lora_config(p: Preset):
 
 
 def check_lora_targets(model_or_config, p: Preset, where: str = "model") -> None:
-    """Every target names a Linear module / parameter of the model (or of a config's skeleton); else a one-line error."""
+    """Every target names a Linear module / parameter of the model (or a config's skeleton); else a one-line error."""
     import torch
 
     model = model_or_config

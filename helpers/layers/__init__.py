@@ -29,13 +29,12 @@ __all__, __getattr__ = lazy_names(
             "load_stage",
             "assemble",
         ],
-        "drop": [
+        "distance": [
             "calib_texts",
             "ensure_pad",
             "positions",
             "last_token_index",
             "decoder_layers",
-            "keep_layers_copy",
             "encode",
             "calibration_batches",
             "angular_distances",
@@ -43,12 +42,16 @@ __all__, __getattr__ = lazy_names(
             "distances_from_json",
             "best_start",
             "min_distance_by_n",
+        ],
+        "drop": [
+            "keep_layers_copy",
             "parse_layers",
             "block_size",
             "split_bundles",
             "plan_layer_drop",
             "check_outputs",
             "apply_layer_drop",
+            "LayerDropResult",
         ],
         "routing": [
             "STAGES",
@@ -71,5 +74,6 @@ __all__, __getattr__ = lazy_names(
             "repl",
         ],
         "scoring": ["forward_logits", "mean_nll", "stage_table", "model_report"],
+        "stages": ["StagesResult"],
     },
 )

@@ -10,11 +10,8 @@ removed and the remaining fields canonicalised through transformers (so stage A,
 only there, and re-saved configs agree), and the sha256 of the first rows of its input embeddings
 (which layer dropping leaves untouched). Bundles from another base are refused, naming both.
 
-In memory, stages share modules: one set of decoder layers (A's plus the bundles'), and each stage
-is a thin model whose `layers` list references them. Shared attention modules cannot hold one
-`layer_idx` per stage, so a pre-forward hook renumbers them to the running stage's positions on
-every call; each stage then uses an ordinary cache sized by its own config (cached generation
-works; stages must not run concurrently from several threads).
+In memory, stages share modules: one set of decoder layers (A's plus the bundles'), each stage a
+thin model whose `layers` list references them, renumbered per call (helpers.layers.sharing).
 
 Usage: `stages = load_stages("runs/toy/04/A", "runs/toy/04/bundles"); stages["AB"].generate(...)`
 """
@@ -25,16 +22,16 @@ import copy
 import hashlib
 import json
 import shutil
-from itertools import chain
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from helpers.core import arch
-from helpers.core.checkpoint import Checkpoint, Entry, computed, copied, torch_dtype, write_checkpoint
+from helpers.core.checkpoint import Checkpoint, torch_dtype
 from helpers.core.fsutil import read_json, write_json
 from helpers.core.models import load_check
+from helpers.core.writer import Entry, computed, copied, write_checkpoint
+from helpers.layers import sharing
 
 RECORD = "layer_drop.json"
 BUNDLE = "bundle.json"
@@ -277,91 +274,6 @@ def _stage_config_object(a_config, record: dict, layers: list[int]):
     return cfg
 
 
-def _memory_names(fam: arch.Family, sd: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """One layer's on-disk tensors under its in-memory names (Mixtral legacy experts fused)."""
-    prefix = f"model.layers.{layer}."
-    router = arch.LEGACY.router.format(l=layer)
-    if fam.is_moe and router in sd:
-        w = {}
-        for k in list(sd):
-            if m := arch.LEGACY_EXPERT_RE.match(k):
-                w[int(m.group(2)), m.group(3)] = sd.pop(k)  # [I, H] or [H, I]
-        E = 1 + max(e for e, _ in w)
-        sd[prefix + "mlp.gate.weight"] = sd.pop(router)  # [E, H]
-        sd[prefix + "mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([w[e, "w1"], w[e, "w3"]]) for e in range(E)]
-        )  # [E, 2I, H]
-        sd[prefix + "mlp.experts.down_proj"] = torch.stack([w[e, "w2"] for e in range(E)])  # [E, H, I]
-    return {k[len(prefix) :]: v for k, v in sd.items()}
-
-
-def _load_bundle_layers(bdir: Path, layer_cls, config, dtype, device) -> dict[int, nn.Module]:
-    """Fresh decoder layers (original layer_idx) holding a bundle's weights, in owned memory."""
-    ck = Checkpoint(bdir)
-    fam = arch.detect(config.to_dict())
-    by_layer: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in ck.iter():
-        by_layer.setdefault(arch.layer_of(name), {})[name] = t
-    out = {}
-    for l, sd in sorted(by_layer.items()):
-        with torch.device("meta"):
-            layer = layer_cls(config, l).to(dtype)
-        if any(True for _ in layer.buffers()):  # buffers would come out of to_empty uninitialised
-            with torch.device(device):
-                layer = layer_cls(config, l).to(dtype)
-        else:
-            layer = layer.to_empty(device=device)
-        layer.load_state_dict(_memory_names(fam, sd, l), strict=True)  # copies (and casts) into the new tensors
-        out[l] = layer.eval()
-    return out
-
-
-def _renumber_hook(layers: list[nn.Module]):
-    """A pre-forward hook setting every `layer_idx` in `layers` to its position in this stage."""
-    pairs = [(m, pos) for pos, layer in enumerate(layers) for m in layer.modules() if hasattr(m, "layer_idx")]
-
-    def hook(_module, _args):
-        for m, pos in pairs:
-            m.layer_idx = pos
-
-    return hook
-
-
-def _view(a_model, layers: list[nn.Module], config):
-    """A model of A's class sharing every module of `a_model` except its list of decoder layers."""
-    with torch.device("meta"):
-        view = type(a_model)(config)
-    a_base, v_base = a_model.base_model, view.base_model
-    for name, child in a_model.named_children():
-        if child is not a_base:
-            setattr(view, name, child)
-    for name, child in a_base.named_children():
-        setattr(v_base, name, nn.ModuleList(layers) if name == "layers" else child)
-    for src, dst in ((a_model, view), (a_base, v_base)):
-        dst._parameters.update(src._parameters)
-        dst._buffers.update(src._buffers)
-    left = [n for n, t in chain(view.named_parameters(), view.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"stage view of {type(a_model).__name__} left unshared tensors: {left[:4]}")
-    view.generation_config = copy.deepcopy(a_model.generation_config)
-    return view.eval()
-
-
-def _share_output_hooks(models: list, all_layers: list[nn.Module], a_model) -> None:
-    """Install transformers' output-capturing hooks once on the shared modules, not once per stage
-    (per-stage installs would record every shared layer twice with output_hidden_states)."""
-    try:
-        from transformers.utils.output_capturing import install_all_output_capturing_hooks
-    except ImportError:
-        return
-    cfg = copy.deepcopy(a_model.config)
-    cfg.num_hidden_layers = len(all_layers)
-    union = _view(a_model, all_layers, cfg)
-    install_all_output_capturing_hooks(union.base_model)
-    for m in models:
-        m.base_model._output_capturing_hooks_installed = True
-
-
 def load_stages(
     a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=torch.float32, device=None, own: bool = True
 ) -> dict:
@@ -382,7 +294,7 @@ def load_stages(
     full_cfg = _stage_config_object(a_model.config, record, stage_layers(record, "FULL"))
     for b in need:
         by_orig.update(
-            _load_bundle_layers(Path(bundles_dir) / b, type(a_layers[0]), full_cfg, first.dtype, first.device)
+            sharing.load_bundle_layers(Path(bundles_dir) / b, type(a_layers[0]), full_cfg, first.dtype, first.device)
         )
     out = {}
     for s in stages:
@@ -390,10 +302,12 @@ def load_stages(
         if s == "A":
             model = a_model
         else:
-            model = _view(a_model, layers, _stage_config_object(a_model.config, record, stage_layers(record, s)))
-        model.base_model.register_forward_pre_hook(_renumber_hook(layers))
+            model = sharing.stage_view(
+                a_model, layers, _stage_config_object(a_model.config, record, stage_layers(record, s))
+            )
+        model.base_model.register_forward_pre_hook(sharing.renumber_hook(layers))
         out[s] = model
-    _share_output_hooks(list(out.values()), [by_orig[l] for l in sorted(by_orig)], a_model)
+    sharing.share_output_hooks(list(out.values()), [by_orig[l] for l in sorted(by_orig)], a_model)
     return out
 
 
@@ -413,6 +327,7 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
     pos = {orig: p for p, orig in enumerate(layers)}
     orig_of = {int(new): int(orig) for new, orig in record["kept"].items()}
     a_dtype = a.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in a else None
+    a_torch_dtype = torch_dtype(a_dtype) if a_dtype else None
     sources: list[tuple[int, Entry]] = []  # (sort key, entry): embeddings first, layers in order, head last
     for name in a.keys():
         l = arch.layer_of(name)
@@ -427,7 +342,7 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
                 ent = computed(
                     arch.renumber(name, p),
                     info,
-                    (lambda c=bck, n=name, d=torch_dtype(a_dtype): c.get(n).to(d)),
+                    (lambda c=bck, n=name, d=a_torch_dtype: c.get(n).to(d)),
                     dtype=a_dtype,
                 )
             else:

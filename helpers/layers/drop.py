@@ -1,72 +1,50 @@
-"""Angular-distance layer dropping (Gromov et al., arXiv 2403.17887): measure, plan, cut.
+"""Angular-distance layer dropping (Gromov et al., arXiv 2403.17887): plan the cut, apply it, run step 04.
 
-`angular_distances` measures d(x_l, x_{l+n}) = arccos(cos(x_l[T], x_{l+n}[T])) / pi on the last
-real token T of each calibration text, for every block size n at once, from one forward pass per
-batch: a pre-hook on every decoder layer keeps only the last-token row [B, H] of that layer's input
-(x_l), a hook on the last layer keeps its output x_L. x_L is taken BEFORE the final norm (the
-residual stream that a dropped tail would hand to the norm); `final_norm=True` applies the norm,
-which is what `output_hidden_states` reports as its last entry. `plan_layer_drop` picks the block
-(pure, JSON); `apply_layer_drop` streams stage A and the removed layers as bundles (bundles.py).
+`plan_layer_drop` picks the block of round(DROP_FRAC x L) layers whose two ends are closest in the
+distance matrix D[n, l] (distance.py measures it), or takes an explicit `layers` block (pure, JSON);
+`apply_layer_drop` streams stage A and the removed layers as bundles (bundles.py). `run(p)` is step
+04, what notebook 04's Run cell and the `layer-drop` command both call: calibrate, measure, plan,
+cut, draw, record. It writes, under RUN_DIR: `plan.json` (before any surgery), `distances.json`,
+stage A (`A/` unless SAVE_DIR), the bundles (`bundles/` unless SAVE_REMOVED_DIR),
+`figures/{distance_heatmap,min_distance_by_n}.png` and `manifest.json` last.
 
-Models load through `verify.load_model`, checkpoint paths resolve through `checkpoint.local_dir`.
+Models load through `core.models.load_model`, checkpoint paths resolve through `checkpoint.local_dir`.
 
-Usage: `D = angular_distances(model, tok, texts); plan = plan_layer_drop(cfg, D, drop_frac=0.25); apply_layer_drop(src, plan, "A", "bundles")`
+Usage: `r = run(Params(notebook_defaults(NOTEBOOK)))`; `apply_layer_drop(src, plan_layer_drop(cfg, D), "A", "bundles")`
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from helpers.core import arch
-from helpers.core.checkpoint import Checkpoint, copied, local_dir, write_checkpoint
-from helpers.core.fsutil import refuse_existing, write_json
-from helpers.core.models import load_model, model_device
+from helpers.core.checkpoint import Checkpoint, local_dir
+from helpers.core.fsutil import dir_bytes, refuse_existing, write_json
+from helpers.core.manifest import Manifest, output_path
+from helpers.core.manifest import load as load_manifest
+from helpers.core.models import load_model
+from helpers.core.steps import Params, notebook_defaults
+from helpers.core.writer import copied, write_checkpoint
 from helpers.layers import bundles
+from helpers.layers.distance import (
+    angular_distances,
+    best_start,
+    calib_texts,
+    distances_to_json,
+    min_distance_by_n,
+)
 
 PLAN_FORMAT = "layer-drop-plan/1"
+STEP = "04_layer_drop_mistral"
+NOTEBOOK = f"notebooks/{STEP}.ipynb"  # its parameters cell holds run()'s defaults (the command line's too)
 
 
-# ---- calibration text and padding ----------------------------------------------------------
-def calib_texts(source, n: int | None = None, *, world="runs/toy/world", seed: int = 0) -> list[str]:
-    """Calibration texts: a list of strings as is, else `helpers.core.data.load_texts(source, n, ...)`."""
-    if isinstance(source, (list, tuple)):
-        texts = [t for t in source if t]
-        return texts[:n] if n else texts
-    from helpers.core.data import load_texts
-
-    return load_texts(source, n, world=world, seed=seed)
-
-
-def ensure_pad(tokenizer):
-    """Give a tokenizer without a pad token (Mistral's) its EOS (else UNK) as pad; returns it."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] position ids counted over real tokens only, so a left-padded row sees the same RoPE
-    positions as the same text unpadded."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last real token of each row, whatever side the padding is on."""
-    pos = torch.arange(mask.shape[-1], device=mask.device)
-    return (mask.long() * pos).argmax(-1)
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    return model.base_model.layers
-
-
-# ---- angular distances ----------------------------------------------------------------------
+# ---- in memory ------------------------------------------------------------------------------
 def keep_layers_copy(model, keep: list[int]):
     """A deep copy of `model` with only decoder layers `keep`, ready for cached generation.
 
@@ -84,137 +62,6 @@ def keep_layers_copy(model, keep: list[int]):
     for j, layer in enumerate(m.model.layers):
         layer.self_attn.layer_idx = j
     return m.eval()
-
-
-def encode(tokenizer, texts: list[str], seq_len: int, padding_side: str | None = None) -> dict:
-    """input_ids, attention_mask and position_ids [B, S]; positions count real tokens only, so a
-    left-padded row sees the same positions as a right-padded one."""
-    ensure_pad(tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = padding_side or side
-    try:
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
-    finally:
-        tokenizer.padding_side = side
-    mask = enc["attention_mask"]
-    return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": positions(mask)}
-
-
-def calibration_batches(
-    tokenizer, texts: list[str], *, seq_len: int = 128, batch_size: int = 8, padding_side: str | None = None
-) -> list[dict]:
-    """Texts batched by similar token length (less padding), encoded with `encode`."""
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise ValueError("no calibration text (all empty)")
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    return [
-        encode(tokenizer, [texts[i] for i in order[k : k + batch_size]], seq_len, padding_side)
-        for k in range(0, len(order), batch_size)
-    ]
-
-
-@torch.no_grad()
-def angular_distances(
-    model,
-    tokenizer=None,
-    texts=None,
-    *,
-    batches: list[dict] | None = None,
-    seq_len: int = 128,
-    batch_size: int = 8,
-    final_norm: bool = False,
-    padding_side: str | None = None,
-    progress: bool = True,
-) -> np.ndarray:
-    """Mean angular distance D[n, l] between x_l and x_{l+n}, n = 1..L, l = 0..L-n (NaN elsewhere).
-
-    Shape [L + 1, L]. Give `tokenizer` and `texts`, or pre-encoded `batches` (see `calibration_batches`).
-    """
-    if batches is None:
-        batches = calibration_batches(
-            tokenizer, texts, seq_len=seq_len, batch_size=batch_size, padding_side=padding_side
-        )
-    base = model.base_model
-    layers = list(decoder_layers(model))[: model.config.num_hidden_layers]
-    L = len(layers)
-    rows: list[torch.Tensor | None] = [None] * (L + 1)
-    where: dict[str, torch.Tensor] = {}
-
-    def take(h: torch.Tensor) -> torch.Tensor:
-        return h[where["b"], where["t"]]  # [B, H]
-
-    def pre_hook(l):
-        def hook(_mod, args, kwargs):
-            rows[l] = take(args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def post_hook(_mod, _args, out):
-        rows[L] = take(out[0] if isinstance(out, tuple) else out)
-
-    handles = [layer.register_forward_pre_hook(pre_hook(l), with_kwargs=True) for l, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(post_hook))
-    device = model_device(model)
-    total = torch.zeros(L + 1, L + 1, dtype=torch.float64, device=device)  # sum over samples of d(x_i, x_j)
-    count = 0
-    try:
-        for batch in tqdm(batches, desc="angular distance", leave=False, disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            where["t"] = last_token_index(batch["attention_mask"])
-            where["b"] = torch.arange(len(where["t"]), device=device)
-            base(**batch, use_cache=False)  # the decoder stack only: no lm_head logits
-            if final_norm:
-                rows[L] = base.norm(rows[L])
-            x = F.normalize(torch.stack(rows).double(), dim=-1)  # [L+1, B, H]
-            cos = torch.einsum("ibh,jbh->bij", x, x).clamp(-1.0, 1.0)  # [B, L+1, L+1]
-            total += torch.arccos(cos).sum(0) / math.pi
-            count += x.shape[1]
-    finally:
-        for h in handles:
-            h.remove()
-    mean = (total / max(count, 1)).cpu().numpy()
-    D = np.full((L + 1, L), np.nan)
-    for n in range(1, L + 1):
-        D[n, : L - n + 1] = [mean[l, l + n] for l in range(L - n + 1)]
-    return D
-
-
-def distances_to_json(D: np.ndarray, **extra) -> dict:
-    """D as JSON: rows[n - 1] holds D[n, l] for l = 0..L-n."""
-    L = D.shape[1]
-    return {
-        "n_layers": L,
-        "index": "rows[n-1][l] = mean d(x_l, x_{l+n})",
-        "rows": [[float(v) for v in D[n, : L - n + 1]] for n in range(1, L + 1)],
-        **extra,
-    }
-
-
-def distances_from_json(obj: dict) -> np.ndarray:
-    L = int(obj["n_layers"])
-    D = np.full((L + 1, L), np.nan)
-    for n, row in enumerate(obj["rows"], start=1):
-        D[n, : len(row)] = row
-    return D
-
-
-def best_start(D: np.ndarray, n: int, keep_last_layer: bool = False) -> int | None:
-    """Start l* of the n-layer block l..l+n-1 with the smallest distance D[n, l] (None: no block fits).
-
-    With `keep_last_layer` a block must end before the last layer.
-    """
-    L = D.shape[1]
-    last_start = L - n - 1 if keep_last_layer else L - n
-    return int(np.nanargmin(D[n, : last_start + 1])) if last_start >= 0 else None
-
-
-def min_distance_by_n(D: np.ndarray, keep_last_layer: bool = False) -> list[dict]:
-    """For each block size n: the best start l* and its distance (what the search would pick)."""
-    L = D.shape[1]
-    starts = {n: best_start(D, n, keep_last_layer) for n in range(1, L + 1)}
-    return [{"n": n, "l": l, "distance": float(D[n, l]), "frac": n / L} for n, l in starts.items() if l is not None]
 
 
 # ---- plan -----------------------------------------------------------------------------------
@@ -360,34 +207,168 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
     return a_dir, b_dir
 
 
-# ---- command line ---------------------------------------------------------------------------
-def cli_layer_drop(args) -> int:
-    src = local_dir(args.model)
-    config = arch.read_config(src)
-    L = arch.detect(config).n_layers(config)
-    check_outputs(args.save_dir, args.save_removed_dir, args.overwrite)
-    D = None
-    if args.layers is None:
-        block_size(L, args.drop_frac)  # bad flags fail before the model loads
-        model, tok = load_model(src)
-        texts = calib_texts(args.calib, args.n_samples)
-        D = angular_distances(model, tok, texts, seq_len=args.seq_len)
-        del model
+# ---- step 04 --------------------------------------------------------------------------------
+@dataclass
+class LayerDropResult:
+    """What notebook 04 shows: the saved manifest, the plan, the distances, what was written, the figures."""
+
+    manifest: Manifest
+    plan: dict  # as saved to RUN_DIR/plan.json
+    distances: np.ndarray | None  # D[n, l], [L + 1, L]; None when nothing was measured (LAYERS, CALIB None)
+    best: list[dict]  # the cheapest block of each size n (min_distance_by_n)
+    n_texts: int  # calibration texts measured
+    stage_a: Path
+    bundles: Path
+    stages: object  # DataFrame: stage, layers, original indices
+    saved: object  # DataFrame: directory, what it holds, MB
+    figures: dict[str, Path]  # distance_heatmap, min_distance_by_n -> RUN_DIR/figures/<name>.png
+    manifest_path: Path
+
+    @property
+    def summary(self) -> str:
+        p = self.plan
+        (a, b), d = p["block"], p["block_distance"]
+        dist = "" if d is None else f", distance {d:.3f}"
+        sizes = ", ".join(f"{k}: {v[0]}-{v[-1]}" for k, v in p["bundles"].items())
+        return (
+            f"dropped layers {a}-{b} of {p['n_layers']} ({p['selection']}{dist}); stage A -> {self.stage_a} "
+            f"({p['n_layers'] - p['n_drop']} layers); bundles -> {self.bundles} ({sizes}); "
+            f"manifest: {self.manifest_path}"
+        )
+
+
+def check_params(config: dict, p: Params) -> None:
+    """Bad parameters fail in one line before the model loads or anything is written."""
+    if p.layers is not None:  # the plan without distances checks the block and the bundle count
+        plan_layer_drop(config, None, layers=p.layers, keep_last_layer=p.keep_last_layer, n_bundles=p.n_bundles)
+        return
+    if p.calib is None:
+        raise ValueError("no calibration text (CALIB / --calib) and no explicit block (LAYERS / --layers)")
+    split_bundles(list(range(block_size(arch.detect(config).n_layers(config), p.drop_frac))), p.n_bundles)
+
+
+def _figures(D: np.ndarray, best: list[dict], plan: dict, fig_dir: Path) -> dict[str, Path]:
+    import matplotlib.pyplot as plt
+
+    from helpers import plots
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, fig in (
+        ("distance_heatmap", plots.distance_heatmap(D, plan)),
+        ("min_distance_by_n", plots.min_distance_curve(best, plan)),
+    ):
+        out[name] = fig_dir / f"{name}.png"
+        fig.savefig(out[name], dpi=120)
+        plt.close(fig)  # the notebook shows the saved file, not a second copy
+    return out
+
+
+def _tables(a_dir: Path, b_dir: Path):
+    """(stages, saved): the layers each stage runs, and each written directory with what it holds."""
+    import pandas as pd
+
+    record = bundles.read_record(a_dir, b_dir)
+    stages = [
+        {
+            "stage": s,
+            "layers": len(bundles.stage_layers(record, s)),
+            "original indices": bundles.stage_layers(record, s),
+        }
+        for s in bundles.default_stages(record)
+    ]
+    held = [(a_dir, list(record["kept"].values())), *[(b_dir / b, v) for b, v in record["bundles"].items()]]
+    saved = [{"directory": str(d), "holds": f"layers {v}", "MB": round(dir_bytes(d) / 1e6, 2)} for d, v in held]
+    return pd.DataFrame(stages), pd.DataFrame(saved)
+
+
+def run(p: Params) -> LayerDropResult:
+    """Measure, plan (saved before any surgery), cut, draw and record step 04 (notebook 04's parameters)."""
+    run_dir = Path(p.run_dir)
+    save_dir = Path(p.save_dir) if p.save_dir else run_dir / "A"
+    removed_dir = Path(p.save_removed_dir) if p.save_removed_dir else run_dir / "bundles"
+    manifest = Manifest(STEP, {k: v for k, v in p.items() if k != "ROOT"})
+    world_dir = Path(p.world_manifest).parent if p.world_manifest else Path("runs/toy/world")
+    model_path = p.model or output_path(load_manifest(p.world_manifest), "mistral")
+    config = arch.read_config(local_dir(model_path))
+    check_params(config, p)
+    check_outputs(save_dir, removed_dir, p.overwrite)
+
+    D, texts = None, []
+    if p.calib is not None:  # with LAYERS the distances are still measured and recorded, unless CALIB is None
+        texts = calib_texts(p.calib, p.n_samples, world=world_dir, seed=p.seed)
+        with manifest.timer("calibration"):
+            model, tokenizer = load_model(model_path, dtype=p.dtype)
+            D = angular_distances(model, tokenizer, texts, seq_len=p.seq_len, batch_size=p.batch_size)
+            del model
     plan = plan_layer_drop(
-        config,
-        D,
-        drop_frac=args.drop_frac,
-        keep_last_layer=args.keep_last_layer,
-        layers=args.layers,
-        n_bundles=args.n_bundles,
+        config, D, drop_frac=p.drop_frac, keep_last_layer=p.keep_last_layer, layers=p.layers, n_bundles=p.n_bundles
     )
-    removed = Path(args.save_removed_dir)
-    write_json(removed / "plan.json", plan)  # the plan is on disk before any surgery
-    a_dir, b_dir = apply_layer_drop(src, plan, args.save_dir, removed, overwrite=args.overwrite)
-    a, b = plan["block"]
-    sizes = ", ".join(f"{k}: {v[0]}-{v[-1]}" for k, v in plan["bundles"].items())
-    print(
-        f"dropped layers {a}-{b} of {L} ({plan['selection']}); stage A -> {a_dir} ({L - plan['n_drop']} layers); "
-        f"bundles -> {b_dir} ({sizes})"
+    write_json(run_dir / "plan.json", plan)  # the plan is on disk before any surgery
+    if D is not None:
+        final = "before the final norm"
+        write_json(run_dir / "distances.json", distances_to_json(D, n_samples=len(texts), final=final))
+    with manifest.timer("surgery"):
+        a_dir, b_dir = apply_layer_drop(model_path, plan, save_dir, removed_dir, overwrite=p.overwrite)
+
+    best = [] if D is None else min_distance_by_n(D, p.keep_last_layer)
+    figures = {} if D is None else _figures(D, best, plan, run_dir / "figures")
+    stages, saved = _tables(a_dir, b_dir)
+
+    if p.world_manifest and (p.model is None or p.calib == "toy"):  # the world gave the model or the text
+        manifest.input("world", p.world_manifest)
+    manifest.input("model", local_dir(model_path), hash=False)  # its hash lives in the world manifest
+    manifest.output("stage_a", a_dir).output("bundles", b_dir)
+    if D is not None:
+        manifest.output("distances", run_dir / "distances.json")
+    manifest.output("plan", run_dir / "plan.json")
+    if figures:
+        manifest.output("figures", run_dir / "figures")
+    manifest.metrics(
+        n_layers=plan["n_layers"],
+        n_layers_a=plan["n_layers"] - plan["n_drop"],
+        block=plan["block"],
+        block_distance=plan["block_distance"],
+        bundles=plan["bundles"],
+        n_calibration_texts=len(texts),
     )
+    path = manifest.save(run_dir)
+    return LayerDropResult(manifest, plan, D, best, len(texts), a_dir, b_dir, stages, saved, figures, path)
+
+
+# ---- command line ---------------------------------------------------------------------------
+FLAGS = (  # `layer-drop` flags, each the notebook parameter of the same name; unset: the notebook's default
+    "model",
+    "world_manifest",
+    "calib",
+    "n_samples",
+    "seq_len",
+    "batch_size",
+    "drop_frac",
+    "keep_last_layer",
+    "layers",
+    "n_bundles",
+    "dtype",
+    "seed",
+    "save_dir",
+    "save_removed_dir",
+)
+
+
+def cli_params(args) -> Params:
+    """Notebook 04's defaults with the flags given on top (RUN_DIR: --run-dir, else the parent of --save-dir)."""
+    values = notebook_defaults(Path(__file__).resolve().parents[2] / NOTEBOOK)
+    values.update({k.upper(): getattr(args, k) for k in FLAGS if getattr(args, k) is not None})
+    if args.layers is not None and args.calib is None:
+        values["CALIB"] = None  # the block is given: nothing to measure unless --calib asks for the distances
+    run_dir = args.run_dir or (Path(args.save_dir).parent if args.save_dir else None)
+    if run_dir is not None:
+        values["RUN_DIR"] = str(run_dir)
+    values["PRESET"] = None  # a command-line run belongs to no preset
+    values["OVERWRITE"] = args.overwrite  # the command line replaces nothing unless told
+    return Params(values)
+
+
+def cli_layer_drop(args) -> int:
+    print(run(cli_params(args)).summary)
     return 0

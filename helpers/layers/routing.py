@@ -8,7 +8,7 @@ loosest thresholds whose routed accuracy stays >= target, given each stage's per
 correctness), and saved in thresholds.json with stage A's fingerprint: thresholds made for
 another base refuse to load. Never hard-coded.
 
-Usage: `th = calibrate_mix(H, (0.5, 0.3, 0.2), fingerprint=fingerprint(a_dir)); Router(stages, tok, th).generate("2 + 3 =")`
+Usage: `th = calibrate_mix(H, (0.5, 0.3, 0.2), fingerprint=fingerprint(a)); Router(stages, tok, th).generate("2 + 3")`
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from helpers.core.fsutil import read_json, write_json
 from helpers.core.models import model_device
 from helpers.core.verify import fingerprint
-from helpers.layers.drop import ensure_pad, last_token_index, positions
+from helpers.layers.distance import ensure_pad, last_token_index, positions
 
 STAGES = ("A", "AB", "FULL")
 NEVER = -1.0  # entropy is >= 0, so a threshold of -1 routes nothing to its stage
@@ -323,7 +323,7 @@ class Router:
 
     @classmethod
     def from_dirs(cls, a_dir, bundles_dir, thresholds=None) -> Router:
-        """Stage A checkpoint + bundles dir (helpers.layers.bundles layout); thresholds default to BUNDLES/thresholds.json."""
+        """Stage A checkpoint + bundles dir (bundles layout); thresholds default to BUNDLES/thresholds.json."""
         path = Path(thresholds) if thresholds else Path(bundles_dir) / THRESHOLDS_FILE
         th = Thresholds.load(path, fingerprint=fingerprint(a_dir))  # before loading weights: fail fast
         from transformers import AutoTokenizer

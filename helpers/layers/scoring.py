@@ -3,7 +3,7 @@
 MMLU-Pro questions, prompts and cloze correctness come from helpers.eval.mmlu_pro (`load`,
 `cloze_context`, `cloze_correct`): one implementation for every notebook.
 
-Usage: `stage_scoring.model_report({"A": a, "FULL": full}, tok, texts, mmlu_pro.load("runs/toy/world/mmlu_pro", 200)[0])`
+Usage: `scoring.model_report({"A": a, "FULL": full}, tok, texts, mmlu_pro.load("runs/toy/world/mmlu_pro", 200)[0])`
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from helpers.core.models import model_device
 from helpers.eval import mmlu_pro
-from helpers.layers.drop import ensure_pad, positions
+from helpers.layers.distance import ensure_pad, positions
 from helpers.layers.routing import STAGES, n_layers
 
 

@@ -1,6 +1,6 @@
 """Random checkpoints the project builds itself: tiny ones for tests, large ones for benches.
 
-Usage: `save_random(tiny_config("mixtral"), "tmp/mx", n_shards=4, tokenizer=True)`; `synth_checkpoint(cfg, "big/", n_shards=19)`
+Usage: `save_random(tiny_config("mixtral"), "tmp/mx", n_shards=4, tokenizer=True)`; `synth_checkpoint(cfg, "big/", 19)`
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from helpers.core import arch
-from helpers.core.checkpoint import Entry, dtype_code, write_checkpoint
+from helpers.core.checkpoint import dtype_code
 from helpers.core.models import save_sharded
+from helpers.core.writer import Entry, write_checkpoint
 
 TINY = dict(
     vocab_size=320,

@@ -1,6 +1,6 @@
 """Question generators of the toy world: categories of graded difficulty in the MMLU-Pro schema.
 
-Usage: `splits = make_splits(seed=0, sizes={"test": 100, "validation": 5, "train": 1500}); write_parquet(splits["test"], p)`
+Usage: `splits = make_splits(0, {"test": 100, "validation": 5, "train": 1500}); write_parquet(splits["test"], path)`
 
 Rule categories (succession, comparison, addition, sequences, counting, alphabetical) hold out every
 test and validation question from the train split, so a model must apply the rule to unseen

@@ -1,6 +1,6 @@
 """Training the toy world's models: configs, Mixtral upcycled from a dense twin, a plain-torch loop.
 
-Usage: `model = AutoModelForCausalLM.from_config(model_config("mistral", spec, len(tok))); pretrain(model, encode_pairs(tok, rows, 0.2, 0), steps=900, batch=32, lr=3e-3, seed=0, pad_id=tok.pad_token_id)`
+Usage: `pretrain(model, encode_pairs(tok, rows, 0.2, 0), steps=900, batch=32, lr=3e-3, seed=0, pad_id=tok.pad_token_id)`
 """
 
 from __future__ import annotations
