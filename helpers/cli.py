@@ -181,11 +181,18 @@ def main(argv=None) -> int:
     mod, fn = args.handler.split(":")
     try:
         return int(getattr(importlib.import_module(mod), fn)(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        # Bad input is a one-line message naming the culprit, not a traceback.
+    except (ValueError, OSError, KeyError) as e:
+        # Bad input, a busy output or a full disk is a one-line message naming the culprit, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.strerror and not isinstance(e, (FileNotFoundError, FileExistsError)):
+            msg = e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: nothing was left at the outputs (temp files removed; earlier outputs intact)", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from helpers.core import arch
 from helpers.core.checkpoint import Checkpoint, torch_dtype
 from helpers.core.fsutil import read_json, write_json
 from helpers.core.models import load_check
+from helpers.core.txn import transaction
 from helpers.core.writer import Entry, computed, copied, write_checkpoint
 from helpers.layers import sharing
 
@@ -124,17 +124,19 @@ def existing_bundles(path) -> list[Path]:
     return found + ([p / RECORD] if (p / RECORD).exists() else [])
 
 
-def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dict, overwrite: bool = False) -> Path:
-    """Write each group of layers as a bundle directory, then the record (last: it marks completion)."""
+def save_bundles(
+    src: Checkpoint, groups: dict[str, list[int]], out, record: dict, overwrite: bool = False, atomic: bool = True
+) -> Path:
+    """Write each group of layers as a bundle directory plus the record; the whole directory appears at once.
+
+    `atomic=False`: write straight into `out`, a temp dir of the caller's transaction (layer-drop).
+    """
     out = Path(out)
-    old = existing_bundles(out)
-    if old and not overwrite:
-        raise FileExistsError(f"{out} already holds bundles; pass overwrite=True (--overwrite) to replace them")
+    if atomic:
+        with transaction(dirs=[out], overwrite=overwrite) as t:
+            save_bundles(src, groups, t[out], record, atomic=False)
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    (out / RECORD).unlink(missing_ok=True)
-    for p in old:  # stale bundles of an earlier split
-        if p.is_dir() and p.name not in groups:
-            shutil.rmtree(p)
     base = record["base"]
     for name, layers in groups.items():
         entries = [copied(src, n) for n in src.keys() if arch.layer_of(n) in set(layers)]
@@ -154,9 +156,9 @@ def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dic
             entries,
             config=None,
             n_shards=1,
-            overwrite=overwrite,
             extra_json={BUNDLE: meta},
             desc=f"bundle {name}",
+            atomic=False,
         )
     write_json(out / RECORD, record)
     return out
