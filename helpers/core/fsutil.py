@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager, suppress
@@ -113,9 +114,20 @@ def write_text(path, text: str) -> Path:
     return path
 
 
+def finite(obj):
+    """`obj` with every NaN / Infinity float replaced by None: JSON that every parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj, indent: int = 2) -> Path:
-    """Write JSON atomically, creating parent dirs."""
-    return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+    """Write JSON atomically, creating parent dirs; NaN / Infinity are written as null (valid JSON)."""
+    return write_text(path, json.dumps(finite(obj), indent=indent, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path, rows) -> Path:

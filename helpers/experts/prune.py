@@ -120,7 +120,10 @@ def plan_expert_prune(
         crit = scores["criteria"]
         if criterion not in crit:
             raise KeyError(f"{scores_name} has no criterion {criterion!r}; it has {sorted(crit)}")
-        grid = np.asarray(crit[criterion], float)  # [L, E]
+        grid = np.asarray([[np.nan if v is None else v for v in row] for row in crit[criterion]], float)  # [L, E]
+        if not np.isfinite(grid).all():  # NaN would sort silently to one end: refuse to rank it
+            l, e = (int(x) for x in np.argwhere(~np.isfinite(grid))[0])
+            raise ValueError(f"{scores_name}: criterion {criterion!r} has a non-finite score (layer {l}, expert {e})")
         keep = {str(l): sorted(np.argsort(-row, kind="stable")[:k].tolist()) for l, row in enumerate(grid)}
         meta.update(criterion=criterion, scores=scores.get("meta", {}).get("source", scores_name))
     plan = {"keep": {str(l): ids for l, ids in keep.items()}, **meta}
