@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "toy", "helpers.toy.world:cli_toy", "the toy world: tiny trained Mixtral and Mistral plus an MMLU-Pro-style set"
     )
     p.add_argument("action", choices=["build"], help="build (cached: rebuilt only when spec or seed change)")
-    _opt(p, "--out", default="runs/toy/world", help="output directory")
+    _opt(p, "--out", default="runs/toy/world", help="output directory (a relative default: under the repo root)")
     _opt(p, "--quick", action="store_true", help="tiny and fast (tests)")
     _opt(p, "--seed", type=int, default=0)
     _opt(p, "--force", action="store_true", help="rebuild even if cached")
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--layers", help="explicit block a-b (0-based, inclusive); overrides the search (measured with --calib)")
     _opt(p, "--calib", help="toy | PATH (jsonl/parquet/txt) | c4 | wikitext")
     _opt(p, "--world-manifest", help="toy world manifest (its calibration text for --calib toy)")
+    _opt(p, "--world", help="toy world directory (its manifest.json); default: the repo's runs/toy/world")
     _opt(p, "--n-samples", type=int, help="calibration texts")
     _opt(p, "--seq-len", type=int, help="tokens per calibration text")
     _opt(p, "--batch-size", type=int, help="texts per forward pass")

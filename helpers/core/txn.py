@@ -24,6 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _crash(point: str) -> None:
+    """Test hook: SIGKILL this process at a named commit point (tests/test_reliability.py sets HELPERS_CRASH_AT)."""
+    if os.environ.get("HELPERS_CRASH_AT") == point:
+        os.kill(os.getpid(), 9)
+
+
 class OutputBusy(FileExistsError):
     """Another live process holds the output's lock."""
 
@@ -284,18 +290,22 @@ class Transaction:
         journals = [str(p / f".txn-{pid}-{tag}.json") for p in parents]
         journal = {"pid": pid, "state": "committing", "entries": entries, "journals": journals}
         try:
+            _crash("journal")
             for j in journals:
                 _write_journal(Path(j), journal)
-            for e in entries:
+            for n, e in enumerate(entries):
                 t = Path(e["target"])
                 if e["existed"]:
                     os.rename(t, e["old"])
+                _crash(f"aside-{n}")
                 if e["tmp"]:
                     os.rename(e["tmp"], t)
+                _crash(f"moved-{n}")
             for p in parents:
                 _fsync_fd(p)
             for j in journals:
                 _write_journal(Path(j), dict(journal, state="done"))
+                _crash("done")
         except BaseException:
             _finish(journal)  # not all marked done: roll back to the old outputs
             raise

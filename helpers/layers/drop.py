@@ -385,7 +385,7 @@ def cli_params(args) -> Params:
     if run_dir is not None:
         values["RUN_DIR"] = str(run_dir)
     if getattr(args, "world", None) and args.world_manifest is None:
-        values["WORLD_MANIFEST"] = str(Path(args.world) / "manifest.json")
+        values["WORLD_MANIFEST"] = str(Path(args.world).absolute() / "manifest.json")
     values["PRESET"] = None  # a command-line run belongs to no preset
     values["OVERWRITE"] = args.overwrite  # the command line replaces nothing unless told
     return Params(values)

@@ -326,9 +326,15 @@ def build_world(
     return out
 
 
+def _build_kw(args) -> dict:
+    return dict(quick=args.quick, seed=args.seed, force=args.force)
+
+
 def cli_toy(args) -> int:
     t = time.perf_counter()
-    out = build_world(args.out, quick=args.quick, seed=args.seed, force=args.force)
+    from helpers.core.manifest import resolve
+
+    out = build_world(resolve(args.out) if args.out == "runs/toy/world" else args.out, **_build_kw(args))
     print(summary(out))
     print(f"toy world: {out} ({time.perf_counter() - t:.1f} s)")
     return 0
