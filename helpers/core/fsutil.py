@@ -57,9 +57,10 @@ def refuse_existing(target, overwrite: bool = False) -> Path:
 
     Call it before slow work that ends in atomic_dir / transaction; they check again under the lock.
     """
-    from helpers.core.txn import _exists
+    from helpers.core.txn import _exists, sweep
 
     target = Path(target)
+    sweep(target)  # a killed writer's half-swapped outputs are rolled back first: they never count as existing
     if _exists(target) and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     return target

@@ -223,17 +223,26 @@ def sweep(target) -> None:
                 _finish(journal)
         except OutputBusy:
             continue
-    for p in parent.glob(f".{target.name}.tmp-*"):
+    for p in parent.glob(".*.tmp-*"):  # every dead writer's temp path in this directory
         pid = _tag_pid(p.name, ".tmp-")
         if pid is not None and not _pid_alive(pid):
             _remove(p)
-    for p in parent.glob(f".{target.name}.old-*"):  # left by a writer without a journal (older versions)
+    for p in parent.glob(".*.old-*"):  # left by a writer without a journal (older versions)
         pid = _tag_pid(p.name, ".old-")
+        orig = parent / p.name[1:].rsplit(".old-", 1)[0]
         if pid is not None and not _pid_alive(pid):
-            if not (target.exists() or target.is_symlink()):
-                os.rename(p, target)
+            if not (orig.exists() or orig.is_symlink()):
+                os.rename(p, orig)
             else:
                 _remove(p)
+    for p in parent.glob(".*.lock"):  # a killed writer's lock file: free once nobody holds it
+        other = parent / p.name[1:-5]
+        if other not in _HELD:
+            try:
+                with output_lock(other):
+                    pass
+            except OutputBusy:
+                pass
 
 
 # ---- transactions ---------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from helpers.core import arch
 from helpers.core.checkpoint import Checkpoint, local_dir
@@ -32,13 +31,6 @@ from helpers.core.steps import Params, notebook_defaults
 from helpers.core.txn import check_overlap, transaction
 from helpers.core.writer import copied, write_checkpoint
 from helpers.layers import bundles
-from helpers.layers.distance import (
-    angular_distances,
-    best_start,
-    calib_texts,
-    distances_to_json,
-    min_distance_by_n,
-)
 
 PLAN_FORMAT = "layer-drop-plan/1"
 STEP = "04_layer_drop_mistral"
@@ -55,6 +47,8 @@ def keep_layers_copy(model, keep: list[int]):
     indexes past the cache). For stages that share weights, see bundles.load_stages.
     """
     import copy
+
+    import torch
 
     m = copy.deepcopy(model)
     m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
@@ -131,6 +125,8 @@ def plan_layer_drop(
             raise ValueError("plan_layer_drop: no distance matrix; measure one (angular_distances) or give --layers")
         if distances.shape != (L + 1, L):
             raise ValueError(f"distance matrix has shape {distances.shape}, expected {(L + 1, L)} for {L} layers")
+        from helpers.layers.distance import best_start  # torch: only when a distance matrix is given
+
         a = best_start(distances, n, keep_last_layer)  # n < L: a block always fits
         b, selection = a + n - 1, "angular-distance"
     dropped = list(range(a, b + 1))
@@ -148,8 +144,21 @@ def plan_layer_drop(
         "dropped": dropped,
         "kept": {str(new): orig for new, orig in enumerate(kept)},  # new index -> original index
         "bundles": split_bundles(dropped, n_bundles),
-        "distances": None if distances is None else distances_to_json(distances)["rows"],
+        "distances": None if distances is None else _rows(distances),
     }
+
+
+def calib_texts(source, n: int | None = None, **kw) -> list[str]:
+    """distance.calib_texts, imported on use (torch): the surgery-only path never loads it."""
+    from helpers.layers import distance
+
+    return distance.calib_texts(source, n, **kw)
+
+
+def _rows(D: np.ndarray) -> list:
+    from helpers.layers.distance import distances_to_json
+
+    return distances_to_json(D)["rows"]
 
 
 # ---- apply (streaming) ----------------------------------------------------------------------
@@ -315,6 +324,8 @@ def run(p: Params) -> LayerDropResult:
     with transaction([save_dir, removed_dir, fig_dir], records.values(), p.overwrite, replace=owned) as t:
         D, texts = None, []
         if p.calib is not None:  # with LAYERS the distances are still measured and recorded, unless CALIB is None
+            from helpers.layers.distance import angular_distances, distances_to_json, min_distance_by_n
+
             texts = calib_texts(p.calib, p.n_samples, world=world_dir, seed=p.seed)
             with manifest.timer("calibration"):
                 model, tokenizer = load_model(model_path, dtype=p.dtype)
