@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from helpers.core.checkpoint import DTYPES, INDEX, SIDE_FILES, Checkpoint, CheckpointError, TensorInfo, dtype_code
+from helpers.core.compat import make_portable
 from helpers.core.fsutil import atomic_dir, disk_error, write_json
 from helpers.core.txn import check_overlap
 
@@ -269,6 +270,7 @@ def _write_all(tmp: Path, files, entries, total: int, config, side, extra_json, 
                     shutil.copy2(side / f, tmp / f)
         for name, obj in (extra_json or {}).items():
             write_json(tmp / name, obj)
+        make_portable(tmp)
 
 
 def copy_checkpoint(src, out, *, max_shard_size=None, overwrite: bool = False) -> Path:

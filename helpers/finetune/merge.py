@@ -11,6 +11,7 @@ from pathlib import Path
 
 from helpers.core import arch
 from helpers.core.checkpoint import SIDE_FILES, Checkpoint, local_dir
+from helpers.core.compat import make_portable
 from helpers.core.fsutil import atomic_dir, refuse_existing
 from helpers.core.models import load_check, save_sharded
 
@@ -36,6 +37,7 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
         for f in SIDE_FILES:  # tokenizer and chat template travel with the weights
             if (base_dir / f).exists() and not (tmp / f).exists():  # keep what save_pretrained wrote
                 shutil.copy2(base_dir / f, tmp / f)
+        make_portable(tmp)  # transformers 4.57 reads it too
     return out_dir
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.core.compat import make_portable
 from helpers.core.data import load_texts
 from helpers.core.fsutil import atomic_dir, read_json, write_jsonl
 from helpers.core.manifest import FILENAME, Manifest
@@ -153,6 +154,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out=None):
     fast.chat_template = CHAT_TEMPLATE
     if out is not None:
         fast.save_pretrained(out)
+        make_portable(out)
     return fast
 
 
