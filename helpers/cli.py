@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "toy", "helpers.toy.world:cli_toy", "the toy world: tiny trained Mixtral and Mistral plus an MMLU-Pro-style set"
     )
     p.add_argument("action", choices=["build"], help="build (cached: rebuilt only when spec or seed change)")
-    _opt(p, "--out", default="runs/toy/world", help="output directory")
+    _opt(p, "--out", default="runs/toy/world", help="output directory (a relative default: under the repo root)")
     _opt(p, "--quick", action="store_true", help="tiny and fast (tests)")
     _opt(p, "--seed", type=int, default=0)
     _opt(p, "--force", action="store_true", help="rebuild even if cached")
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--layers", help="explicit block a-b (0-based, inclusive); overrides the search (measured with --calib)")
     _opt(p, "--calib", help="toy | PATH (jsonl/parquet/txt) | c4 | wikitext")
     _opt(p, "--world-manifest", help="toy world manifest (its calibration text for --calib toy)")
+    _opt(p, "--world", help="toy world directory (its manifest.json); default: the repo's runs/toy/world")
     _opt(p, "--n-samples", type=int, help="calibration texts")
     _opt(p, "--seq-len", type=int, help="tokens per calibration text")
     _opt(p, "--batch-size", type=int, help="texts per forward pass")
@@ -181,11 +182,18 @@ def main(argv=None) -> int:
     mod, fn = args.handler.split(":")
     try:
         return int(getattr(importlib.import_module(mod), fn)(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        # Bad input is a one-line message naming the culprit, not a traceback.
+    except (ValueError, OSError, KeyError) as e:
+        # Bad input, a busy output or a full disk is a one-line message naming the culprit, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.strerror and not isinstance(e, (FileNotFoundError, FileExistsError)):
+            msg = e.strerror if e.filename is None else f"{e.filename}: {e.strerror}"
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: nothing was left at the outputs (temp files removed; earlier outputs intact)", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def hub_id(source) -> tuple[str, dict] | None:
 
 
 def world_dir(world) -> Path:
-    """A toy world directory from its path or its manifest.json."""
-    p = Path(world)
+    """A toy world directory from its path or its manifest.json; a relative path is the repo root's, never the cwd's."""
+    from helpers.core.manifest import resolve
+
+    p = resolve(world)
     return p.parent if p.name == "manifest.json" else p
 
 

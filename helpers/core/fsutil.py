@@ -5,12 +5,13 @@ Usage: `with atomic_dir("runs/toy/03/standard", overwrite=False) as tmp: write_i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 CHUNK = 8 << 20
@@ -26,25 +27,14 @@ def _umask() -> int:
 _DIR_MODE, _FILE_MODE = 0o777 & ~_umask(), 0o666 & ~_umask()
 
 
-def _pid_alive(pid: int) -> bool:
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
-
-
-def _clean_stale(target: Path) -> None:
-    """Remove temp dirs left beside `target` by writers that were killed (their pid is gone)."""
-    for p in target.parent.glob(f".{target.name}.tmp-*"):
-        try:
-            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:
@@ -63,50 +53,55 @@ def fsync_tree(root: Path) -> None:
 
 
 def refuse_existing(target, overwrite: bool = False) -> Path:
-    """Raise FileExistsError if `target` exists and not `overwrite`; call before slow work ending in atomic_dir."""
+    """Raise FileExistsError if `target` exists (an empty dir does not count) and not `overwrite`.
+
+    Call it before slow work that ends in atomic_dir / transaction; they check again under the lock.
+    """
+    from helpers.core.txn import _exists, sweep
+
     target = Path(target)
-    if target.exists() and not overwrite:
+    sweep(target)  # a killed writer's half-swapped outputs are rolled back first: they never count as existing
+    if _exists(target) and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     return target
 
 
 @contextmanager
 def atomic_dir(target, overwrite: bool = False):
-    """Yield a temp dir beside `target`; on success fsync it and rename it onto `target`.
+    """Yield a temp dir beside `target`; on success fsync it and swap it in (helpers.core.txn.transaction).
 
-    An existing target is refused unless `overwrite`. On any error (or SIGKILL) the target is
-    untouched; a killed writer's temp dir is swept by the next writer of the same target.
+    The target is locked for the whole write (a second writer fails naming this pid); an existing
+    target is refused unless `overwrite`; on any error, Ctrl-C or SIGKILL it is untouched, and a
+    killed writer's temp dir is swept by the next writer of the same target.
     """
-    target = refuse_existing(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    os.chmod(tmp, _DIR_MODE)
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, target)
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from helpers.core.txn import transaction
+
+    with transaction(dirs=[target], overwrite=overwrite) as t:
+        yield t[target]
+
+
+def disk_error(e: OSError, path, need: int | None = None) -> OSError:
+    """A full disk or file-size limit as one line naming the file and the bytes free; other errors as they are."""
+    if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return e
+    free = "unknown"
+    with suppress(OSError):
+        st = os.statvfs(Path(path).parent)
+        free = f"{st.f_bavail * st.f_frsize:,}"
+    what = {errno.ENOSPC: "no space left", errno.EFBIG: "file too large", errno.EDQUOT: "quota exceeded"}[e.errno]
+    size = f" (writing {need:,} bytes)" if need else ""
+    return OSError(e.errno, f"{path}: {what}{size}; {free} bytes free there; nothing was left at the output")
 
 
 def write_text(path, text: str) -> Path:
     """Write a text file atomically (temp file + fsync + rename), creating parent dirs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed writer's temp file
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "w") as f:
@@ -120,9 +115,20 @@ def write_text(path, text: str) -> Path:
     return path
 
 
+def finite(obj):
+    """`obj` with every NaN / Infinity float replaced by None: JSON that every parser reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj, indent: int = 2) -> Path:
-    """Write JSON atomically, creating parent dirs."""
-    return write_text(path, json.dumps(obj, indent=indent, default=str) + "\n")
+    """Write JSON atomically, creating parent dirs; NaN / Infinity are written as null (valid JSON)."""
+    return write_text(path, json.dumps(finite(obj), indent=indent, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path, rows) -> Path:

@@ -153,8 +153,11 @@ class Manifest:
             self.input(name, path, hash)
         return self
 
-    def output(self, name: str, path, hash: bool = True) -> Manifest:
+    def output(self, name: str, path, hash: bool = True, at=None) -> Manifest:
+        """Record output `name`; `at`: its final path when `path` is still a transaction's temp path."""
         self.data["outputs"][name] = describe(path, hash)
+        if at is not None:
+            self.data["outputs"][name]["path"] = portable(at)
         return self
 
     def metric(self, name: str, value) -> Manifest:
@@ -173,14 +176,14 @@ class Manifest:
         finally:
             self.data["timings_s"][name] = round(time.perf_counter() - t, 3)
 
-    def save(self, run_dir) -> Path:
-        """Write `<run_dir>/manifest.json`; absolute paths under the repo root are made relative first."""
+    def save(self, run_dir, to=None) -> Path:
+        """Write `<run_dir>/manifest.json` (or `to`, a temp path); paths under the repo root made relative first."""
         data = dict(
             self.data, params=_portable_values(self.data["params"]), metrics=_portable_values(self.data["metrics"])
         )
         for kind in ("inputs", "outputs"):  # also paths set directly in .data (the toy world renames its temp dir)
             data[kind] = {n: dict(d, path=_portable_values(d["path"])) for n, d in self.data[kind].items()}
-        return write_json(Path(run_dir) / FILENAME, data)
+        return write_json(Path(to) if to is not None else Path(run_dir) / FILENAME, data)
 
 
 def load(path) -> dict:

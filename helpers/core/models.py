@@ -86,6 +86,25 @@ def model_dir(model) -> Path:
     return p
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+
+
+def check_tokenizer(path) -> None:
+    """A local model dir without any tokenizer file fails in one line naming it (not 'install sentencepiece')."""
+    p = Path(path)
+    if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{p}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); copy them from the model it was made from"
+        )
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    check_tokenizer(path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_model(model, dtype: str | None = None, device: str | None = None):
     """(model in eval mode, tokenizer) from a checkpoint dir or hub id, through `load_check`.
 
@@ -93,9 +112,9 @@ def load_model(model, dtype: str | None = None, device: str | None = None):
     On CPU the weights are copied into owned memory (bit-reproducible logits, see `own_memory`).
     """
     import torch
-    from transformers import AutoTokenizer
 
     path = model_dir(model)
+    check_tokenizer(path)
     device = str(device or default_device())
     dtype = dtype or default_dtype(device)
     if dtype == "4bit":
@@ -108,7 +127,7 @@ def load_model(model, dtype: str | None = None, device: str | None = None):
         m = load_check(path, dtype=dtype, own=on_cpu, **({} if on_cpu else {"device_map": device}))
     else:
         raise ValueError(f"--dtype {dtype!r}: expected one of {[*LOAD_DTYPES, '4bit']}")
-    return m.eval(), AutoTokenizer.from_pretrained(path)
+    return m.eval(), load_tokenizer(path)
 
 
 def model_device(model) -> torch.device:

@@ -22,22 +22,31 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from helpers.core.checkpoint import DTYPES, INDEX, SIDE_FILES, Checkpoint, CheckpointError, TensorInfo, dtype_code
-from helpers.core.fsutil import atomic_dir, write_json
+from helpers.core.compat import make_portable
+from helpers.core.fsutil import atomic_dir, disk_error, write_json
+from helpers.core.txn import check_overlap
 
 if TYPE_CHECKING:
     import torch
 
 
-def parse_size(size) -> int:
-    """'5GB', '500MB', '2GiB' or an int -> bytes (decimal units as in transformers)."""
-    if isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    units = {"GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(s)
+def parse_size(size, flag: str = "--max-shard-size") -> int:
+    """'5GB', '500MB', '2GiB' or a positive int -> bytes (decimal units as in transformers)."""
+    bad = ValueError(f"{flag} {size!r}: expected a positive size such as 5GB, 500MB or 2GiB")
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        s = str(size).strip().upper()
+        units = {"GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+        mult = next((m for u, m in units.items() if s.endswith(u)), 1)
+        num = next((s[: -len(u)] for u in units if s.endswith(u)), s)
+        try:
+            n = int(float(num) * mult)
+        except ValueError:
+            raise bad from None
+    if n <= 0:
+        raise bad
+    return n
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -146,6 +155,13 @@ def _write_shard(path: Path, entries: list[Entry], metadata: dict, bar) -> None:
         off += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data buffer starts 8-byte aligned, as safetensors writes it
+    try:
+        _stream_shard(path, raw, entries, bar)
+    except OSError as e:
+        raise disk_error(e, path, off + len(raw) + 8) from None
+
+
+def _stream_shard(path: Path, raw: bytes, entries: list[Entry], bar) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
@@ -192,6 +208,7 @@ def write_checkpoint(
     overwrite: bool = False,
     extra_json: dict[str, dict] | None = None,
     desc: str = "write",
+    atomic: bool = True,
 ) -> Path:
     """Write `entries` as an HF safetensors checkpoint at `out`, atomically.
 
@@ -201,6 +218,8 @@ def write_checkpoint(
     Mode `n_shards`: entries cut in order into that many shards of about equal size.
     Config, generation config and tokenizer files come from `side_files_from` (default `like`);
     `extra_json` ({file name: object}) lands in the same atomic directory (records, plans).
+    An output that is, contains or replaces part of a source is refused before anything is written.
+    `atomic=False` writes straight into `out` (a directory inside a caller's transaction temp dir).
     """
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -220,14 +239,23 @@ def write_checkpoint(
         packed = _pack(entries, parse_size(max_shard_size or "5GB"))
         n = len(packed)
         files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(packed)]
-    meta = {"format": "pt"}
     total = sum(e.nbytes for e in entries)
     side = Path(side_files_from) if side_files_from else (like.path if like else None)
     out = Path(out)
-    with (
-        atomic_dir(out, overwrite=overwrite) as tmp,
-        tqdm(total=total, unit="B", unit_scale=True, desc=f"{desc} {out.name}", leave=False) as bar,
-    ):
+    sources = {Path(e.src[0]).parent for e in entries if e.src is not None} | ({side} if side else set())
+    check_overlap({f"source {p}": p for p in sorted(sources)}, {"output": out})
+    if atomic:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            _write_all(tmp, files, entries, total, config, side, extra_json, f"{desc} {out.name}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_all(out, files, entries, total, config, side, extra_json, f"{desc} {out.name}")
+    return out
+
+
+def _write_all(tmp: Path, files, entries, total: int, config, side, extra_json, desc: str) -> None:
+    meta = {"format": "pt"}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
         for fname, group in files:
             _write_shard(tmp / fname, group, meta, bar)
         weight_map = {e.name: fname for fname, group in files for e in group}
@@ -242,7 +270,7 @@ def write_checkpoint(
                     shutil.copy2(side / f, tmp / f)
         for name, obj in (extra_json or {}).items():
             write_json(tmp / name, obj)
-    return out
+        make_portable(tmp)
 
 
 def copy_checkpoint(src, out, *, max_shard_size=None, overwrite: bool = False) -> Path:

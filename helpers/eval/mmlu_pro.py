@@ -217,7 +217,10 @@ def cloze_correct(
 
 
 def fit_shots(q: Question, shots, k: int, tok, budget: int | None) -> tuple[str, int]:
-    """The CoT prompt with as many of k shots as fit `budget` tokens (the official script's rule)."""
+    """The CoT prompt with as many of k shots as fit `budget` tokens (the official script's rule).
+
+    The count returned is the shots really in the prompt (fewer when the category has fewer rows)."""
+    k = min(k, len(shots.get(q.category, [])))
     while True:
         prompt = cot_prompt(q, shots, k)
         if budget is None or k <= 0 or len(tok(prompt)["input_ids"]) < budget:

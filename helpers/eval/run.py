@@ -138,6 +138,8 @@ def evaluate_dir(
     if plan.lighteval_modes and dtype == "4bit":
         raise ValueError("lighteval with --dtype 4bit: not offered here; use bfloat16")
     questions, shots = loaded or mmlu_pro.load(data)
+    if not questions:
+        raise ValueError(f"{data or mmlu_pro.HUB_ID}: the test split has no questions; nothing to score")
     variant = variant or Path(out_dir).name
     cfg = results.config_block(
         source,
@@ -161,6 +163,8 @@ def cli_evaluate(args) -> int:
         raise ValueError(
             "--bench lighteval --mode cloze: lighteval runs loglik and cot here; use --bench mmlu-pro for cloze"
         )
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit {args.limit}: must be a positive number of questions")
     common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     if args.bench == "lighteval":
         plan = Plan(modes=(), lighteval_modes=(args.mode,), lighteval_limit=args.limit, **common)

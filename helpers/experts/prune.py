@@ -17,6 +17,7 @@ Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/",
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,13 @@ import numpy as np
 
 from helpers.core import arch
 from helpers.core.checkpoint import Checkpoint, CheckpointError, local_dir
-from helpers.core.fsutil import atomic_dir, read_json, write_json
+from helpers.core.fsutil import read_json, write_json
 from helpers.core.manifest import Manifest, input_path, output_path
 from helpers.core.manifest import load as load_manifest
 from helpers.core.steps import Params, notebook_defaults
+from helpers.core.txn import check_overlap, transaction
 from helpers.core.verify import compare
-from helpers.core.writer import copied, write_checkpoint
+from helpers.core.writer import copied, parse_size, write_checkpoint
 from helpers.experts.view import (
     ExpertView,
     check_expert_layout,
@@ -118,7 +120,10 @@ def plan_expert_prune(
         crit = scores["criteria"]
         if criterion not in crit:
             raise KeyError(f"{scores_name} has no criterion {criterion!r}; it has {sorted(crit)}")
-        grid = np.asarray(crit[criterion], float)  # [L, E]
+        grid = np.asarray([[np.nan if v is None else v for v in row] for row in crit[criterion]], float)  # [L, E]
+        if not np.isfinite(grid).all():  # NaN would sort silently to one end: refuse to rank it
+            l, e = (int(x) for x in np.argwhere(~np.isfinite(grid))[0])
+            raise ValueError(f"{scores_name}: criterion {criterion!r} has a non-finite score (layer {l}, expert {e})")
         keep = {str(l): sorted(np.argsort(-row, kind="stable")[:k].tolist()) for l, row in enumerate(grid)}
         meta.update(criterion=criterion, scores=scores.get("meta", {}).get("source", scores_name))
     plan = {"keep": {str(l): ids for l, ids in keep.items()}, **meta}
@@ -167,6 +172,10 @@ def apply_expert_prune(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if max_shard_size is not None:
+        parse_size(max_shard_size)  # a bad size fails before anything is read
+    out = Path(out)
+    check_overlap({"--model": local_dir(model_dir)}, {"--out": out})
     view = ExpertView(model_dir)
     keep = validate_plan(plan, view.config)
     k = len(keep[0])
@@ -184,11 +193,11 @@ def apply_expert_prune(
         "params": {"before": sum(e.numel for e in source), "after": sum(e.numel for e in entries)},
         "shards": {"source": n_in},
     }
-    out = Path(out)
-    write = dict(config=config, side_files_from=view.ck.path, desc="prune")
-    if layout == "both":
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            write_json(tmp / "plan.json", plan)  # first, so the dir always says what it holds
+    write = dict(config=config, side_files_from=view.ck.path, desc="prune", atomic=False)
+    with transaction(dirs=[out], overwrite=overwrite) as t:  # weights, plan and manifest appear together
+        tmp = t[out]
+        if layout == "both":
+            write_json(tmp / "plan.json", plan)
             std = write_checkpoint(tmp / "standard", entries, like=view.ck, **write)
             con = write_checkpoint(tmp / "consolidated", entries, **packed, **write)
             cmp = compare(std, con)
@@ -196,20 +205,20 @@ def apply_expert_prune(
                 raise CheckpointError(f"{out}: standard and consolidated layouts differ: {cmp}")
             rec.update(identical=True, compare=str(cmp))
             rec["shards"].update(standard=len(Checkpoint(std).shards), consolidated=len(Checkpoint(con).shards))
-        paths = {"standard": out / "standard", "consolidated": out / "consolidated"}
-    else:
-        kw = {"like": view.ck} if layout == "standard" else packed
-        write_checkpoint(out, entries, overwrite=overwrite, extra_json={"plan.json": plan}, **kw, **write)
-        rec["shards"][layout] = len(Checkpoint(out).shards)
-        paths = {layout: out}
-    view.close()
-    rec["paths"] = {k: str(v) for k, v in paths.items()}
-    _record(out, rec, plan, max_shard_size)
+            layouts = ("standard", "consolidated")
+        else:
+            kw = {"like": view.ck} if layout == "standard" else packed
+            write_checkpoint(tmp, entries, extra_json={"plan.json": plan}, **kw, **write)
+            rec["shards"][layout] = len(Checkpoint(tmp).shards)
+            layouts = (layout,)
+        view.close()
+        rec["paths"] = {n: str(out / n if layout == "both" else out) for n in layouts}
+        _record(tmp, out, rec, plan, max_shard_size)
     return rec
 
 
-def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
-    """OUT/manifest.json: what was pruned from what, the layouts written and their verification."""
+def _record(tmp: Path, out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
+    """OUT/manifest.json (written in the temp dir `tmp`): what was pruned from what, layouts, verification."""
     m = Manifest(
         "expert_prune",
         {
@@ -220,12 +229,12 @@ def _record(out: Path, rec: dict, plan: dict, max_shard_size) -> Path:
         },
     )
     m.input("model", rec["source"], hash=False)
-    m.output("plan", out / "plan.json")
+    m.output("plan", tmp / "plan.json", at=out / "plan.json")
     for name, path in rec["paths"].items():
-        m.output(name, path, hash=False)
+        m.output(name, tmp / Path(path).relative_to(out), hash=False, at=path)
     m.metrics(**{k: rec[k] for k in ("source_format", "bytes", "params", "shards", "identical", "compare") if k in rec})
     m.data["plan"] = rec["plan"]
-    return m.save(out)
+    return m.save(out, to=tmp / "manifest.json")
 
 
 def size_table(rec: dict):
@@ -383,9 +392,14 @@ def cli_expert_prune(args) -> int:
     """Step 03's plan and prune on any checkpoint: the files run() writes under RUN_DIR/pruned, at --out."""
     defaults = notebook_defaults(Path(__file__).resolve().parents[2] / NOTEBOOK)  # unset flags: the notebook's
     model = local_dir(args.model)
+    check_overlap({"--model": model, "--plan": args.plan, "--scores": args.scores}, {"--out": args.out})
     criterion = args.criterion or defaults["CRITERION"]
     plan = make_plan(model, scores=args.scores, criterion=criterion, keep=args.keep, plan=args.plan)
     layout, max_shard_size = args.layout or defaults["LAYOUT"], args.max_shard_size or defaults["MAX_SHARD_SIZE"]
+    if args.max_shard_size is not None:
+        parse_size(args.max_shard_size)
+        if layout == "standard":
+            print(f"note: --max-shard-size {args.max_shard_size} is ignored with --layout standard", file=sys.stderr)
     rec = apply_expert_prune(
         model, plan, args.out, layout=layout, max_shard_size=max_shard_size, overwrite=args.overwrite
     )

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from helpers.core import arch
 from helpers.core.checkpoint import SIDE_FILES, Checkpoint, local_dir
+from helpers.core.compat import make_portable
 from helpers.core.fsutil import atomic_dir, refuse_existing
 from helpers.core.models import load_check, save_sharded
+from helpers.core.txn import check_overlap
 
 
 def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_shards: int | None = None) -> Path:
@@ -29,6 +31,7 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
     base_dir = local_dir(base_dir)
+    check_overlap({"base": base_dir, "adapter": adapter_dir}, {"out": out_dir})
     base = load_check(base_dir, dtype="auto", own=False)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -36,6 +39,7 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
         for f in SIDE_FILES:  # tokenizer and chat template travel with the weights
             if (base_dir / f).exists() and not (tmp / f).exists():  # keep what save_pretrained wrote
                 shutil.copy2(base_dir / f, tmp / f)
+        make_portable(tmp)  # transformers 4.57 reads it too
     return out_dir
 
 

@@ -21,17 +21,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from helpers.core import arch
 from helpers.core.checkpoint import Checkpoint, torch_dtype
 from helpers.core.fsutil import read_json, write_json
 from helpers.core.models import load_check
+from helpers.core.txn import transaction
 from helpers.core.writer import Entry, computed, copied, write_checkpoint
-from helpers.layers import sharing
 
 RECORD = "layer_drop.json"
 BUNDLE = "bundle.json"
@@ -62,8 +61,20 @@ def embed_sha256(ck: Checkpoint) -> str | None:
     name = next((n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in ck), None)
     if name is None:
         return None
-    rows = ck.get_slice(name)[:EMBED_ROWS].to(torch.float32).contiguous()  # [64, H]
-    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+    i = ck.info(name)
+    n = min(EMBED_ROWS, i.shape[0]) * (i.nbytes // i.shape[0])
+    with open(ck.path / i.shard, "rb") as f:  # raw bytes widened with numpy: no torch import on the surgery path
+        f.seek(i.start)
+        raw = f.read(n)
+    if i.dtype == "BF16":
+        rows = (np.frombuffer(raw, "<u2").astype("<u4") << 16).view("<f4")
+    elif i.dtype in ("F16", "F32", "F64"):
+        rows = np.frombuffer(raw, {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[i.dtype]).astype("<f4")
+    else:
+        import torch
+
+        rows = ck.get_slice(name)[:EMBED_ROWS].to(torch.float32).contiguous().numpy()
+    return hashlib.sha256(rows.tobytes()).hexdigest()
 
 
 def base_identity(ck: Checkpoint) -> dict:
@@ -124,17 +135,19 @@ def existing_bundles(path) -> list[Path]:
     return found + ([p / RECORD] if (p / RECORD).exists() else [])
 
 
-def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dict, overwrite: bool = False) -> Path:
-    """Write each group of layers as a bundle directory, then the record (last: it marks completion)."""
+def save_bundles(
+    src: Checkpoint, groups: dict[str, list[int]], out, record: dict, overwrite: bool = False, atomic: bool = True
+) -> Path:
+    """Write each group of layers as a bundle directory plus the record; the whole directory appears at once.
+
+    `atomic=False`: write straight into `out`, a temp dir of the caller's transaction (layer-drop).
+    """
     out = Path(out)
-    old = existing_bundles(out)
-    if old and not overwrite:
-        raise FileExistsError(f"{out} already holds bundles; pass overwrite=True (--overwrite) to replace them")
+    if atomic:
+        with transaction(dirs=[out], overwrite=overwrite) as t:
+            save_bundles(src, groups, t[out], record, atomic=False)
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    (out / RECORD).unlink(missing_ok=True)
-    for p in old:  # stale bundles of an earlier split
-        if p.is_dir() and p.name not in groups:
-            shutil.rmtree(p)
     base = record["base"]
     for name, layers in groups.items():
         entries = [copied(src, n) for n in src.keys() if arch.layer_of(n) in set(layers)]
@@ -154,9 +167,9 @@ def save_bundles(src: Checkpoint, groups: dict[str, list[int]], out, record: dic
             entries,
             config=None,
             n_shards=1,
-            overwrite=overwrite,
             extra_json={BUNDLE: meta},
             desc=f"bundle {name}",
+            atomic=False,
         )
     write_json(out / RECORD, record)
     return out
@@ -275,13 +288,19 @@ def _stage_config_object(a_config, record: dict, layers: list[int]):
 
 
 def load_stages(
-    a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=torch.float32, device=None, own: bool = True
+    a_dir, bundles_dir, stages: list[str] | None = None, *, dtype=None, device=None, own: bool = True
 ) -> dict:
     """{"A", "AB", ..., "FULL"} (or the `stages` asked for) as models sharing module weights.
 
     Loads stage A once (`verify.load_check`: fails on missing keys; `own` copies the weights
     out of the mmap so logits are bit-reproducible) and each needed bundle once.
     """
+    from helpers.layers import sharing  # torch: only when stages are loaded
+
+    if dtype is None:
+        import torch
+
+        dtype = torch.float32
     a = Checkpoint(a_dir)
     record = read_record(a_dir, bundles_dir)
     stages = list(stages or default_stages(record))
@@ -327,7 +346,6 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
     pos = {orig: p for p, orig in enumerate(layers)}
     orig_of = {int(new): int(orig) for new, orig in record["kept"].items()}
     a_dtype = a.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in a else None
-    a_torch_dtype = torch_dtype(a_dtype) if a_dtype else None
     sources: list[tuple[int, Entry]] = []  # (sort key, entry): embeddings first, layers in order, head last
     for name in a.keys():
         l = arch.layer_of(name)
@@ -342,7 +360,7 @@ def assemble(a_dir, bundles_dir, stage: str, out, overwrite: bool = False) -> Pa
                 ent = computed(
                     arch.renumber(name, p),
                     info,
-                    (lambda c=bck, n=name, d=a_torch_dtype: c.get(n).to(d)),
+                    (lambda c=bck, n=name, d=a_dtype: c.get(n).to(torch_dtype(d))),
                     dtype=a_dtype,
                 )
             else:

@@ -20,27 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from helpers.core import arch
 from helpers.core.checkpoint import Checkpoint, local_dir
 from helpers.core.fsutil import dir_bytes, refuse_existing, write_json
-from helpers.core.manifest import Manifest, output_path
+from helpers.core.manifest import Manifest, output_path, resolve
 from helpers.core.manifest import load as load_manifest
 from helpers.core.models import load_model
 from helpers.core.steps import Params, notebook_defaults
+from helpers.core.txn import check_overlap, transaction
 from helpers.core.writer import copied, write_checkpoint
 from helpers.layers import bundles
-from helpers.layers.distance import (
-    angular_distances,
-    best_start,
-    calib_texts,
-    distances_to_json,
-    min_distance_by_n,
-)
 
 PLAN_FORMAT = "layer-drop-plan/1"
 STEP = "04_layer_drop_mistral"
+TOY_WORLD = "runs/toy/world"  # resolved against the repo root, never the current directory
 NOTEBOOK = f"notebooks/{STEP}.ipynb"  # its parameters cell holds run()'s defaults (the command line's too)
 
 
@@ -53,6 +47,8 @@ def keep_layers_copy(model, keep: list[int]):
     indexes past the cache). For stages that share weights, see bundles.load_stages.
     """
     import copy
+
+    import torch
 
     m = copy.deepcopy(model)
     m.model.layers = torch.nn.ModuleList([m.model.layers[i] for i in keep])
@@ -129,6 +125,8 @@ def plan_layer_drop(
             raise ValueError("plan_layer_drop: no distance matrix; measure one (angular_distances) or give --layers")
         if distances.shape != (L + 1, L):
             raise ValueError(f"distance matrix has shape {distances.shape}, expected {(L + 1, L)} for {L} layers")
+        from helpers.layers.distance import best_start  # torch: only when a distance matrix is given
+
         a = best_start(distances, n, keep_last_layer)  # n < L: a block always fits
         b, selection = a + n - 1, "angular-distance"
     dropped = list(range(a, b + 1))
@@ -146,28 +144,41 @@ def plan_layer_drop(
         "dropped": dropped,
         "kept": {str(new): orig for new, orig in enumerate(kept)},  # new index -> original index
         "bundles": split_bundles(dropped, n_bundles),
-        "distances": None if distances is None else distances_to_json(distances)["rows"],
+        "distances": None if distances is None else _rows(distances),
     }
 
 
+def calib_texts(source, n: int | None = None, **kw) -> list[str]:
+    """distance.calib_texts, imported on use (torch): the surgery-only path never loads it."""
+    from helpers.layers import distance
+
+    return distance.calib_texts(source, n, **kw)
+
+
+def _rows(D: np.ndarray) -> list:
+    from helpers.layers.distance import distances_to_json
+
+    return distances_to_json(D)["rows"]
+
+
 # ---- apply (streaming) ----------------------------------------------------------------------
-def check_outputs(save_dir, save_removed_dir, overwrite: bool) -> None:
-    """Refuse existing outputs up front (before any calibration or writing) unless overwrite."""
+def check_outputs(save_dir, save_removed_dir, overwrite: bool, model_dir=None, files: dict | None = None) -> None:
+    """Refuse, before any calibration or writing: outputs that overlap each other or the model, existing ones."""
     a, b = Path(save_dir).resolve(), Path(save_removed_dir).resolve()
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(f"--save-dir {save_dir} and --save-removed-dir {save_removed_dir} must not contain each other")
+    outputs = {"--save-dir": save_dir, "--save-removed-dir": save_removed_dir, **(files or {})}
+    check_overlap({"--model": model_dir}, outputs)
     refuse_existing(save_dir, overwrite)
-    if not overwrite and bundles.existing_bundles(b):
-        raise FileExistsError(
-            f"{save_removed_dir} already holds bundles; pass overwrite=True (--overwrite) to replace them"
-        )
+    refuse_existing(save_removed_dir, overwrite)
 
 
-def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrite: bool = False) -> tuple[Path, Path]:
+def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrite: bool = False, txn=None):
     """Stream stage A (renumbered, config fixed) and the removed layers as bundles; return both dirs.
 
-    Tensors are copied byte for byte (renamed where renumbered); peak memory is one small slice.
-    Both directories get `layer_drop.json` (the stage record bundles.py reads).
+    Both directories appear together (one transaction, or the caller's `txn` holding both); tensors
+    are copied byte for byte (renamed where renumbered); peak memory is one small slice. Both
+    directories get `layer_drop.json` (the stage record bundles.py reads).
     """
     src = Checkpoint(local_dir(model_dir))
     fam = arch.detect(src.config)
@@ -177,14 +188,23 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
             f"plan is for a {plan.get('n_layers')}-layer {plan.get('model_type')}, "
             f"{src.path} is a {L}-layer {fam.model_type}"
         )
-    check_outputs(save_dir, save_removed_dir, overwrite)
+    check_outputs(save_dir, save_removed_dir, overwrite, model_dir=src.path)
+    if txn is None:
+        with transaction(dirs=[save_dir, save_removed_dir], overwrite=overwrite) as t:
+            _write_drop(src, plan, t[save_dir], t[save_removed_dir])
+    else:
+        _write_drop(src, plan, txn[save_dir], txn[save_removed_dir])
+    return Path(save_dir), Path(save_removed_dir)
+
+
+def _write_drop(src: Checkpoint, plan: dict, a_tmp: Path, b_tmp: Path) -> None:
+    L = arch.detect(src.config).n_layers(src.config)
     kept = {int(k): int(v) for k, v in plan["kept"].items()}
     new_of = {orig: new for new, orig in kept.items()}
     layer_names = [n for n in src.keys() if arch.layer_of(n) is not None]
     missing = sorted(set(range(L)) - {arch.layer_of(n) for n in layer_names})
     if missing:
         raise ValueError(f"{src.path}: no tensors for layers {missing}")
-
     record = bundles.stage_record(src, plan)
     entries = []
     for name in src.keys():
@@ -193,18 +213,17 @@ def apply_layer_drop(model_dir, plan: dict, save_dir, save_removed_dir, overwrit
             entries.append(copied(src, name))
         elif l in new_of:
             entries.append(copied(src, name, arch.renumber(name, new_of[l])))
-    a_dir = write_checkpoint(
-        save_dir,
+    write_checkpoint(
+        a_tmp,
         entries,
         config=arch.keep_layers_config(src.config, list(kept.values())),
         side_files_from=src.path,
         max_shard_size=bundles.largest_shard(src),
-        overwrite=overwrite,
         extra_json={bundles.RECORD: record},
         desc="stage A",
+        atomic=False,
     )
-    b_dir = bundles.save_bundles(src, plan["bundles"], save_removed_dir, record, overwrite=overwrite)
-    return a_dir, b_dir
+    bundles.save_bundles(src, plan["bundles"], b_tmp, record, atomic=False)
 
 
 # ---- step 04 --------------------------------------------------------------------------------
@@ -283,57 +302,69 @@ def _tables(a_dir: Path, b_dir: Path):
 
 
 def run(p: Params) -> LayerDropResult:
-    """Measure, plan (saved before any surgery), cut, draw and record step 04 (notebook 04's parameters)."""
+    """Measure, plan, cut, draw and record step 04 (notebook 04's parameters) as one transaction.
+
+    Stage A, the bundles, plan.json, distances.json, figures/ and manifest.json are written into temp
+    paths (the plan first, before any surgery) and swapped in together: after a kill, Ctrl-C or a full
+    disk either the previous outputs are all intact or the new ones are all complete.
+    """
     run_dir = Path(p.run_dir)
     save_dir = Path(p.save_dir) if p.save_dir else run_dir / "A"
     removed_dir = Path(p.save_removed_dir) if p.save_removed_dir else run_dir / "bundles"
+    records = {n: run_dir / n for n in ("plan.json", "distances.json", "manifest.json")}
+    fig_dir = run_dir / "figures"
     manifest = Manifest(STEP, {k: v for k, v in p.items() if k != "ROOT"})
-    world_dir = Path(p.world_manifest).parent if p.world_manifest else Path("runs/toy/world")
+    world_dir = resolve(Path(p.world_manifest).parent if p.world_manifest else TOY_WORLD)
     model_path = p.model or output_path(load_manifest(p.world_manifest), "mistral")
     config = arch.read_config(local_dir(model_path))
     check_params(config, p)
-    check_outputs(save_dir, removed_dir, p.overwrite)
+    check_outputs(save_dir, removed_dir, p.overwrite, local_dir(model_path), {**records, "figures": fig_dir})
 
-    D, texts = None, []
-    if p.calib is not None:  # with LAYERS the distances are still measured and recorded, unless CALIB is None
-        texts = calib_texts(p.calib, p.n_samples, world=world_dir, seed=p.seed)
-        with manifest.timer("calibration"):
-            model, tokenizer = load_model(model_path, dtype=p.dtype)
-            D = angular_distances(model, tokenizer, texts, seq_len=p.seq_len, batch_size=p.batch_size)
-            del model
-    plan = plan_layer_drop(
-        config, D, drop_frac=p.drop_frac, keep_last_layer=p.keep_last_layer, layers=p.layers, n_bundles=p.n_bundles
-    )
-    write_json(run_dir / "plan.json", plan)  # the plan is on disk before any surgery
-    if D is not None:
-        final = "before the final norm"
-        write_json(run_dir / "distances.json", distances_to_json(D, n_samples=len(texts), final=final))
-    with manifest.timer("surgery"):
-        a_dir, b_dir = apply_layer_drop(model_path, plan, save_dir, removed_dir, overwrite=p.overwrite)
+    owned = [fig_dir, *records.values()]  # the step's records: replaced with the outputs they describe
+    with transaction([save_dir, removed_dir, fig_dir], records.values(), p.overwrite, replace=owned) as t:
+        D, texts = None, []
+        if p.calib is not None:  # with LAYERS the distances are still measured and recorded, unless CALIB is None
+            from helpers.layers.distance import angular_distances, distances_to_json, min_distance_by_n
 
-    best = [] if D is None else min_distance_by_n(D, p.keep_last_layer)
-    figures = {} if D is None else _figures(D, best, plan, run_dir / "figures")
-    stages, saved = _tables(a_dir, b_dir)
+            texts = calib_texts(p.calib, p.n_samples, world=world_dir, seed=p.seed)
+            with manifest.timer("calibration"):
+                model, tokenizer = load_model(model_path, dtype=p.dtype)
+                D = angular_distances(model, tokenizer, texts, seq_len=p.seq_len, batch_size=p.batch_size)
+                del model
+        plan = plan_layer_drop(
+            config, D, drop_frac=p.drop_frac, keep_last_layer=p.keep_last_layer, layers=p.layers, n_bundles=p.n_bundles
+        )
+        write_json(t[records["plan.json"]], plan)  # the plan is written before any surgery
+        if D is not None:
+            final = "before the final norm"
+            write_json(t[records["distances.json"]], distances_to_json(D, n_samples=len(texts), final=final))
+        with manifest.timer("surgery"):
+            apply_layer_drop(model_path, plan, save_dir, removed_dir, overwrite=p.overwrite, txn=t)
+        best = [] if D is None else min_distance_by_n(D, p.keep_last_layer)
+        figures = {} if D is None else _figures(D, best, plan, t[fig_dir])
 
-    if p.world_manifest and (p.model is None or p.calib == "toy"):  # the world gave the model or the text
-        manifest.input("world", p.world_manifest)
-    manifest.input("model", local_dir(model_path), hash=False)  # its hash lives in the world manifest
-    manifest.output("stage_a", a_dir).output("bundles", b_dir)
-    if D is not None:
-        manifest.output("distances", run_dir / "distances.json")
-    manifest.output("plan", run_dir / "plan.json")
-    if figures:
-        manifest.output("figures", run_dir / "figures")
-    manifest.metrics(
-        n_layers=plan["n_layers"],
-        n_layers_a=plan["n_layers"] - plan["n_drop"],
-        block=plan["block"],
-        block_distance=plan["block_distance"],
-        bundles=plan["bundles"],
-        n_calibration_texts=len(texts),
-    )
-    path = manifest.save(run_dir)
-    return LayerDropResult(manifest, plan, D, best, len(texts), a_dir, b_dir, stages, saved, figures, path)
+        if p.world_manifest and (p.model is None or p.calib == "toy"):  # the world gave the model or the text
+            manifest.input("world", p.world_manifest)
+        manifest.input("model", local_dir(model_path), hash=False)  # its hash lives in the world manifest
+        manifest.output("stage_a", t[save_dir], at=save_dir).output("bundles", t[removed_dir], at=removed_dir)
+        if D is not None:
+            manifest.output("distances", t[records["distances.json"]], at=records["distances.json"])
+        manifest.output("plan", t[records["plan.json"]], at=records["plan.json"])
+        if figures:
+            manifest.output("figures", t[fig_dir], at=fig_dir)
+        manifest.metrics(
+            n_layers=plan["n_layers"],
+            n_layers_a=plan["n_layers"] - plan["n_drop"],
+            block=plan["block"],
+            block_distance=plan["block_distance"],
+            bundles=plan["bundles"],
+            n_calibration_texts=len(texts),
+        )
+        manifest.save(run_dir, to=t[records["manifest.json"]])
+    figures = {k: fig_dir / v.name for k, v in figures.items()}
+    stages, saved = _tables(save_dir, removed_dir)
+    path = records["manifest.json"]
+    return LayerDropResult(manifest, plan, D, best, len(texts), save_dir, removed_dir, stages, saved, figures, path)
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -364,6 +395,8 @@ def cli_params(args) -> Params:
     run_dir = args.run_dir or (Path(args.save_dir).parent if args.save_dir else None)
     if run_dir is not None:
         values["RUN_DIR"] = str(run_dir)
+    if getattr(args, "world", None) and args.world_manifest is None:
+        values["WORLD_MANIFEST"] = str(Path(args.world).absolute() / "manifest.json")
     values["PRESET"] = None  # a command-line run belongs to no preset
     values["OVERWRITE"] = args.overwrite  # the command line replaces nothing unless told
     return Params(values)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from helpers.core.compat import make_portable
 from helpers.core.models import save_sharded
 from helpers.toy import tasks
 
@@ -180,4 +181,5 @@ def save_model(model, tok, out: Path, n_shards: int) -> Path:
     """Several shards, legacy expert keys, tokenizer files beside the weights."""
     save_sharded(model, out, n_shards)
     tok.save_pretrained(out)
+    make_portable(out)
     return out

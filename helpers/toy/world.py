@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.core.compat import make_portable
 from helpers.core.data import load_texts
 from helpers.core.fsutil import atomic_dir, read_json, write_jsonl
 from helpers.core.manifest import FILENAME, Manifest
@@ -153,6 +154,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out=None):
     fast.chat_template = CHAT_TEMPLATE
     if out is not None:
         fast.save_pretrained(out)
+        make_portable(out)
     return fast
 
 
@@ -326,9 +328,15 @@ def build_world(
     return out
 
 
+def _build_kw(args) -> dict:
+    return dict(quick=args.quick, seed=args.seed, force=args.force)
+
+
 def cli_toy(args) -> int:
     t = time.perf_counter()
-    out = build_world(args.out, quick=args.quick, seed=args.seed, force=args.force)
+    from helpers.core.manifest import resolve
+
+    out = build_world(resolve(args.out) if args.out == "runs/toy/world" else args.out, **_build_kw(args))
     print(summary(out))
     print(f"toy world: {out} ({time.perf_counter() - t:.1f} s)")
     return 0
