@@ -89,11 +89,12 @@ def model_dir(model) -> Path:
 def load_model(model, dtype: str | None = None, device: str | None = None):
     """(model in eval mode, tokenizer) from a checkpoint dir or hub id, through `load_check`.
 
-    `dtype`: one of LOAD_DTYPES, "4bit" (bitsandbytes NF4, bf16 compute) or None (`default_dtype`).
+    `dtype`: one of LOAD_DTYPES, "4bit" (bitsandbytes NF4, bf16 compute; a MoE model's experts as per-expert
+    Linear4bit through `helpers.core.moe`, else they would stay bf16) or None (`default_dtype`).
     On CPU the weights are copied into owned memory (bit-reproducible logits, see `own_memory`).
     """
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = model_dir(model)
     device = str(device or default_device())
@@ -102,7 +103,11 @@ def load_model(model, dtype: str | None = None, device: str | None = None):
         from transformers import BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
-        m = load_check(path, dtype=torch.bfloat16, own=False, quantization_config=q, device_map=device)
+        from helpers.core import moe
+
+        kw = dict(dtype=torch.bfloat16, quantization_config=q, device_map=device)
+        moe_model = moe.is_moe(AutoConfig.from_pretrained(str(path)))
+        m = moe.load_per_expert(path, **kw) if moe_model else load_check(path, own=False, **kw)
     elif dtype in LOAD_DTYPES:
         on_cpu = device == "cpu"
         m = load_check(path, dtype=dtype, own=on_cpu, **({} if on_cpu else {"device_map": device}))
