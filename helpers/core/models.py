@@ -102,7 +102,12 @@ def load_model(model, dtype: str | None = None, device: str | None = None):
     if dtype == "4bit":
         from transformers import BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+        q = BitsAndBytesConfig(  # as QLoRA loads it, and as the memory plan counts it
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+        )
         from helpers.core import moe
 
         kw = dict(dtype=torch.bfloat16, quantization_config=q, device_map=device)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.core import arch
+from helpers.core import arch, memplan
 from helpers.core.checkpoint import Checkpoint, CheckpointError, local_dir
 from helpers.core.fsutil import atomic_dir, read_json, write_json
 from helpers.core.manifest import Manifest, input_path, output_path
@@ -338,6 +338,7 @@ def run(p: Params) -> ExpertPruneResult:
     m02 = load_manifest(p.scores_manifest)
     scores_path = output_path(m02, "scores")
     model_dir = p.model or input_path(m02, "merged")
+    memplan.announce_step("03", p, model_dir)
     plan = make_plan(model_dir, scores=scores_path, criterion=p.criterion, keep=p.keep)
     plan_path = save_plan(run_dir / "plan.json", plan)
     with manifest.timer("prune"):  # a rerun replaces this step's earlier prune
