@@ -58,9 +58,8 @@ def test_real_config_weights_equal_the_meta_models(model, n4):
 
 
 def test_gpu_preset_plan_json():
-    out = subprocess.run(
-        [sys.executable, "-m", "helpers", "plan", "--preset", "gpu", "--json"], capture_output=True, text=True, check=True
-    )
+    cmd = [sys.executable, "-m", "helpers", "plan", "--preset", "gpu", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rows = json.loads(out.stdout)
     assert {r["notebook"] for r in rows} == {"01", "02", "03", "04", "05", "06"}
     assert all({"notebook", "model", "weights_bytes", "total_bytes"} <= set(r) for r in rows)
