@@ -275,12 +275,21 @@ def masked_router(model, keep: dict):
             h.remove()
 
 
-def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", **load_kw) -> dict:
-    """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`."""
+def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", streamed=True, **load_kw) -> dict:
+    """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`.
+
+    `streamed` (default): layer by layer, about one layer of each model in memory (`streamcheck`), on
+    the first GPU if any; else both whole models side by side (`load_kw`: e.g. device_map).
+    """
     import torch
     from transformers import AutoTokenizer
 
-    from helpers.core.models import load_check
+    from helpers.core.models import default_device, load_check
+
+    if streamed:
+        from helpers.experts.streamcheck import streamed_logit_check
+
+        return streamed_logit_check(source, pruned, plan, texts, dtype=dtype, device=default_device())
 
     tok = AutoTokenizer.from_pretrained(str(pruned))
     base = load_check(source, dtype=dtype, **load_kw).eval()
