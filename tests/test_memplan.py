@@ -66,6 +66,8 @@ def test_gpu_preset_plan_json():
     (r01,) = [r for r in rows if r["notebook"] == "01"]
     assert r01["model"] == MIXTRAL and (r01["batch"], r01["seq"]) == (4, 1024)
     assert r01["weights_bytes"] <= 26e9 and r01["total_bytes"] <= 40e9  # one 48 GB GPU holds QLoRA
+    (r03,) = [r for r in rows if r["notebook"] == "03"]
+    assert r03["mode"] == "stream" and r03["weights_bytes"] < 8e9  # two layers + embeddings/heads, not two models
 
 
 def test_check_refuses_in_one_line(capsys):

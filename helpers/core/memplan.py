@@ -25,7 +25,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 GB = 1e9
 OVERHEAD = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator slack
 NF4_BLOCK, NESTED_BLOCK = 64, 256
-MODES = ("qlora", "lora", "forward", "eval")
+MODES = ("qlora", "lora", "forward", "eval", "stream")
 LORA_TARGETS = {
     "mixtral-experts": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "mistral-healing": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -134,13 +134,17 @@ def plan_row(
     note: str = "",
 ) -> dict:
     """One notebook's need. mode: qlora (nf4 weights + LoRA), lora (bf16 + LoRA), forward (calibration),
-    eval (scoring and generation with a KV cache of batch x kv_tokens)."""
+    eval (scoring and generation with a KV cache of batch x kv_tokens), stream (two models compared layer
+    by layer: their embeddings and heads plus one layer of each in memory)."""
     if mode not in MODES:
         raise ValueError(f"memory plan: mode {mode!r} is not one of {MODES}")
     config = load_config(model)
     quant = "nf4" if mode == "qlora" else quant
     m = meta_model(config, per_expert=quant == "nf4")
     weights = weight_bytes(m, quant)
+    if mode == "stream":
+        one_layer = sum(p.numel() * 2 for p in m.model.layers[0].parameters())
+        weights = 2 * (weights - config.num_hidden_layers * one_layer) + 2 * one_layer
     train = mode in ("qlora", "lora")
     n_lora = lora_params(m, LORA_TARGETS.get(lora_preset, LORA_TARGETS["mixtral-experts"]), r) if train else 0
     acts = activation_bytes(config, batch, seq, train)
@@ -211,8 +215,8 @@ def rows_for(num: str, p, model, heal: dict | None = None) -> list[dict]:
         ]
     if num == "02":
         return [plan_row(num, model, mode="forward", batch=p.batch_size, seq=p.max_length, note="calibration")]
-    if num == "03":  # the logit check streams block by block: about one model
-        return [plan_row(num, model, mode="forward", batch=1, seq=256, note="streamed logit check")]
+    if num == "03":  # the prune copies byte ranges; the logit check streams layer by layer
+        return [plan_row(num, model, mode="stream", batch=1, seq=256, note="streamed logit check")]
     if num == "04":
         return [plan_row(num, model, mode="forward", batch=p.batch_size, seq=p.seq_len, note="angular distances")]
     if num == "05":
