@@ -9,6 +9,7 @@ Usage: `python -m helpers plan --preset gpu --json`; `rows = plan_rows("gpu")`
 
 from __future__ import annotations
 
+import importlib
 import json
 
 from helpers.core import memplan
@@ -17,8 +18,8 @@ from helpers.core.steps import Params
 
 def heal_recipe(p) -> dict:
     """Step 05's largest healing recipe (batch x length) as plan_row kwargs."""
-    from helpers.finetune.presets import get_preset
-
+    # by name, as runner.STEPS resolves step functions: step packages import the top (helpers.plots)
+    get_preset = importlib.import_module("helpers.finetune.presets").get_preset
     presets = [get_preset(n, **(p.heal_overrides or {})) for n in p.heal_presets]
     best = max(zip(presets, p.heal_presets), key=lambda x: x[0].batch_size * x[0].max_length)
     return dict(batch=best[0].batch_size, seq=best[0].max_length, r=best[0].r, lora_preset=best[1])

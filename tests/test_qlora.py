@@ -138,12 +138,14 @@ def _routed_tokens(model_dir, texts, max_length) -> torch.Tensor:
 
     m, tok = models.load_check(model_dir).eval(), AutoTokenizer.from_pretrained(str(model_dir))
     cnt = torch.zeros(m.config.num_hidden_layers, m.config.num_local_experts)
-    hooks = [
-        layer.mlp.gate.register_forward_hook(
-            lambda mod, a, o, l=l: cnt[l].add_(torch.bincount(o[2].flatten(), minlength=cnt.shape[1]))
-        )
-        for l, layer in enumerate(m.model.layers)
-    ]
+
+    def count(l):
+        def hook(mod, args, out):
+            cnt[l] += torch.bincount(out[2].flatten(), minlength=cnt.shape[1])  # returns None: output unchanged
+
+        return hook
+
+    hooks = [layer.mlp.gate.register_forward_hook(count(l)) for l, layer in enumerate(m.model.layers)]
     with torch.no_grad():
         for t in texts:
             m(**tok(t, return_tensors="pt", truncation=True, max_length=max_length))

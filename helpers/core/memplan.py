@@ -8,8 +8,7 @@ overhead. Configs come from a local checkpoint dir, the hub cache, the two gpu m
 `helpers/core/configs/` (offline), or the hub. `check` prints a row and refuses, in one line with the plan,
 when the visible GPUs cannot hold it; on CPU it only prints.
 
-Usage: `r = plan_row("01", "mistralai/Mixtral-8x7B-Instruct-v0.1", mode="qlora", batch=4, seq=1024, r=8)`;
-`check(r)`; `announce_step("01", p, base)`; `python -m helpers plan --preset gpu --json`
+Usage: `check(plan_row("01", "mistralai/Mixtral-8x7B-Instruct-v0.1", mode="qlora", batch=4, seq=1024))`
 """
 
 from __future__ import annotations

@@ -115,24 +115,23 @@ def load_per_expert(path, **kwargs):
 
     from helpers.core import arch
     from helpers.core.checkpoint import Checkpoint, CheckpointError, local_dir
-    from helpers.core.models import load_check
 
     path = local_dir(path)
     cfg = AutoConfig.from_pretrained(str(path))
-    if any(arch.FUSED_EXPERT_RE.match(k) for k in Checkpoint(path).keys()):
-        if "quantization_config" in kwargs:
-            raise CheckpointError(
-                f"{path}: fused expert tensors on disk; a 4-bit per-expert load needs legacy w1/w2/w3 keys "
-                "(re-save with save_pretrained(save_original_format=True))"
-            )
-        return unfuse_experts(load_check(path, dtype=kwargs.pop("dtype", "float32"), own=False, **kwargs))
-    with per_expert(cfg.model_type):
+    fused = any(arch.FUSED_EXPERT_RE.match(k) for k in Checkpoint(path).keys())
+    if fused and "quantization_config" in kwargs:
+        raise CheckpointError(
+            f"{path}: fused expert tensors on disk; a 4-bit per-expert load needs legacy w1/w2/w3 keys "
+            "(re-save with save_pretrained(save_original_format=True))"
+        )
+    kwargs.setdefault("dtype", torch.float32)
+    with contextlib.nullcontext() if fused else per_expert(cfg.model_type):
         model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
     bad = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
     if bad:
         detail = "; ".join(f"{k}: {v[:4]}{'...' if len(v) > 4 else ''}" for k, v in bad.items())
         raise CheckpointError(f"{path}: does not load cleanly with per-expert experts ({detail})")
-    return model
+    return unfuse_experts(model) if fused else model
 
 
 def per_expert_targets(targets, target_parameters) -> tuple[str, ...]:

@@ -5,6 +5,9 @@ checkpoint (legacy or fused experts, through `ExpertView`), run on every text's 
 before the next, so the check needs about two layers plus the embeddings and head, not two whole models
 (Mixtral-8x7B bf16: ~3.5 GB instead of ~190 GB). Same arithmetic as the whole-model forward.
 
+`masked_router` is the reference both checks use: the base model with the pruned experts' router logits
+set to -inf before top-k.
+
 Usage: `streamed_logit_check(merged_dir, "runs/toy/03_expert_prune/pruned/standard", plan, texts)`
 """
 
@@ -17,6 +20,39 @@ from tqdm.auto import tqdm
 
 from helpers.core.checkpoint import Checkpoint, local_dir
 from helpers.experts.view import ExpertView
+
+
+@contextlib.contextmanager
+def masked_router(model, keep: dict):
+    """Within the block, each router's logits of experts not in `keep` are -inf before top-k.
+
+    This is what the pruned model must compute; its logits are the identity check for a prune.
+    """
+    from helpers.experts.scores import moe_blocks
+
+    keep = {int(l): v for l, v in keep.get("keep", keep).items()}
+    handles = []
+
+    def hook(ids):
+        def fn(gate, args, output):
+            x = args[0].reshape(-1, gate.weight.shape[1])  # [T, H]
+            logits = torch.nn.functional.linear(x, gate.weight)  # [T, E]
+            dropped = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            dropped[ids] = False
+            logits = logits.masked_fill(dropped, float("-inf"))
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, idx = torch.topk(probs, gate.top_k, dim=-1)  # [T, k]
+            return logits, (top / top.sum(-1, keepdim=True)).to(output[1].dtype), idx
+
+        return fn
+
+    try:
+        for l, blk in enumerate(moe_blocks(model)):
+            handles.append(blk.gate.register_forward_hook(hook(keep[l])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Streamed:
@@ -74,8 +110,6 @@ def _mask(config, emb, pos):
 def streamed_logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", device="cpu") -> dict:
     """Max |logits(pruned) - logits(source with the pruned experts masked)| over `texts`, streamed per layer."""
     from transformers import AutoTokenizer
-
-    from helpers.experts.prune import masked_router
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tok = AutoTokenizer.from_pretrained(str(pruned))
