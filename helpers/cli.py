@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--seed", type=int, default=0)
     _opt(p, "--force", action="store_true", help="rebuild even if cached")
 
+    p = cmd("plan", "helpers.plan:cli_plan", "GPU memory each notebook needs, from the configs alone (no download)")
+    _opt(p, "--preset", default="gpu", help="configs/<preset>.yaml (default: gpu)")
+    _opt(p, "--out", default=None, help="run root (default: runs/<preset>)")
+    _opt(
+        p, "--json", action="store_true", help="a JSON list of rows (notebook, model, weights_bytes, total_bytes, ...)"
+    )
+
     p = cmd(
         "expert-prune",
         "helpers.experts.prune:cli_expert_prune",

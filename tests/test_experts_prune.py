@@ -277,3 +277,20 @@ def test_run_and_cli_write_the_same_prune(tmp_path, tiny_mixtral, scores_file):
     assert r.paths == {"standard": str(pruned / "standard"), "consolidated": str(pruned / "consolidated")}
     assert {name: f.name for name, f in r.figures.items()} == {"kept_experts": "kept_experts.png", "sizes": "sizes.png"}
     assert all(f.exists() for f in r.figures.values()) and list(r.sizes.index) == ["params", "GB", "shards"]
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "fused"])
+def test_streamed_logit_check_equals_the_whole_model_check(request, tmp_path, fmt):
+    """Layer by layer (about one layer of each model in memory) = the two whole models side by side."""
+    from helpers.experts.streamcheck import streamed_logit_check
+
+    src = _source(request, fmt)
+    plan = xp.plan_expert_prune(_cfg(), keep=KEEP[2])
+    xp.apply_expert_prune(src, plan, tmp_path / "out", layout="standard")
+    whole = xp.logit_check(src, tmp_path / "out", plan, TEXTS, streamed=False)
+    streamed = streamed_logit_check(src, tmp_path / "out", plan, TEXTS)
+    assert streamed["max_abs_diff"] <= 1e-5 and whole["max_abs_diff"] <= 1e-5
+    assert streamed["n_tokens"] == whole["n_tokens"]
+    other = {l: sorted(set(range(8)) - set(v))[:2] for l, v in KEEP[2].items()}  # not the experts pruned: caught
+    wrong = xp.plan_expert_prune(_cfg(), keep=other)
+    assert streamed_logit_check(src, tmp_path / "out", wrong, TEXTS)["max_abs_diff"] > 1e-3

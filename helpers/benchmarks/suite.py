@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 
 from helpers import plots
 from helpers.benchmarks import variants
+from helpers.core import memplan
 from helpers.core.manifest import Manifest
 from helpers.core.steps import Params
 from helpers.eval import Plan, results
@@ -94,6 +95,7 @@ def draw(root, tables: tuple, headline_task: str, order: list[str]) -> dict[str,
 def run(p: Params) -> BenchmarkResult:
     """Collect, evaluate, draw and record step 06; returns what the notebook's Inspect cells show."""
     manifest = Manifest(STEP, dict(p))
+    memplan.announce_step("06", p, None)  # a row per hub model in MODELS (the toy world's are tiny)
     paths = manifests(p)
     manifest.inputs(paths)
     found, notes = variants.collect(paths, p.models)

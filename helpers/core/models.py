@@ -108,10 +108,12 @@ def load_tokenizer(path):
 def load_model(model, dtype: str | None = None, device: str | None = None):
     """(model in eval mode, tokenizer) from a checkpoint dir or hub id, through `load_check`.
 
-    `dtype`: one of LOAD_DTYPES, "4bit" (bitsandbytes NF4, bf16 compute) or None (`default_dtype`).
+    `dtype`: one of LOAD_DTYPES, "4bit" (bitsandbytes NF4, bf16 compute; a MoE model's experts as per-expert
+    Linear4bit through `helpers.core.moe`, else they would stay bf16) or None (`default_dtype`).
     On CPU the weights are copied into owned memory (bit-reproducible logits, see `own_memory`).
     """
     import torch
+    from transformers import AutoConfig
 
     path = model_dir(model)
     check_tokenizer(path)
@@ -120,8 +122,17 @@ def load_model(model, dtype: str | None = None, device: str | None = None):
     if dtype == "4bit":
         from transformers import BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
-        m = load_check(path, dtype=torch.bfloat16, own=False, quantization_config=q, device_map=device)
+        q = BitsAndBytesConfig(  # as QLoRA loads it, and as the memory plan counts it
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+        )
+        from helpers.core import moe
+
+        kw = dict(dtype=torch.bfloat16, quantization_config=q, device_map=device)
+        moe_model = moe.is_moe(AutoConfig.from_pretrained(str(path)))
+        m = moe.load_per_expert(path, **kw) if moe_model else load_check(path, own=False, **kw)
     elif dtype in LOAD_DTYPES:
         on_cpu = device == "cpu"
         m = load_check(path, dtype=dtype, own=on_cpu, **({} if on_cpu else {"device_map": device}))

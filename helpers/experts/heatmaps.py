@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from helpers import plots
-from helpers.core import arch
+from helpers.core import arch, memplan
 from helpers.core.data import load_texts
 from helpers.core.manifest import Manifest
 from helpers.core.manifest import load as load_manifest
@@ -63,6 +63,7 @@ def run(p: Params) -> HeatmapsResult:
     """Score, draw and record step 02; returns what the notebook's Inspect cells show."""
     manifest = Manifest(STEP, dict(p))
     src = xs.finetune_sources(load_manifest(p.finetune_manifest), p.base_model)
+    memplan.announce_step("02", p, src["merged"])
     config = arch.read_config(src["merged"])
     with manifest.timer("delta_l2_checkpoints"):  # streamed one row block at a time
         delta = xs.delta_from_checkpoints(src["base"], src["merged"])

@@ -18,13 +18,12 @@ Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/",
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from helpers.core import arch
+from helpers.core import arch, memplan
 from helpers.core.checkpoint import Checkpoint, CheckpointError, local_dir
 from helpers.core.fsutil import read_json, write_json
 from helpers.core.manifest import Manifest, input_path, output_path
@@ -33,6 +32,7 @@ from helpers.core.steps import Params, notebook_defaults
 from helpers.core.txn import check_overlap, transaction
 from helpers.core.verify import compare
 from helpers.core.writer import copied, parse_size, write_checkpoint
+from helpers.experts.streamcheck import masked_router, streamed_logit_check
 from helpers.experts.view import (
     ExpertView,
     check_expert_layout,
@@ -248,48 +248,19 @@ def size_table(rec: dict):
     return pd.DataFrame(cols, index=["params", "GB", "shards"])
 
 
-# ---- reference: the base model with pruned experts masked out ---------------------------------
-@contextmanager
-def masked_router(model, keep: dict):
-    """Within the block, each router's logits of experts not in `keep` are -inf before top-k.
+def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", streamed=True, **load_kw) -> dict:
+    """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`.
 
-    This is what the pruned model must compute; its logits are the identity check for a prune.
+    `streamed` (default): layer by layer, about one layer of each model in memory (`streamcheck`), on
+    the first GPU if any; else both whole models side by side (`load_kw`: e.g. device_map).
     """
-    import torch
-
-    from helpers.experts.scores import moe_blocks
-
-    keep = {int(l): v for l, v in keep.get("keep", keep).items()}
-    handles = []
-
-    def hook(ids):
-        def fn(gate, args, output):
-            x = args[0].reshape(-1, gate.weight.shape[1])  # [T, H]
-            logits = torch.nn.functional.linear(x, gate.weight)  # [T, E]
-            dropped = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            dropped[ids] = False
-            logits = logits.masked_fill(dropped, float("-inf"))
-            probs = torch.softmax(logits.float(), dim=-1)
-            top, idx = torch.topk(probs, gate.top_k, dim=-1)  # [T, k]
-            return logits, (top / top.sum(-1, keepdim=True)).to(output[1].dtype), idx
-
-        return fn
-
-    try:
-        for l, blk in enumerate(moe_blocks(model)):
-            handles.append(blk.gate.register_forward_hook(hook(keep[l])))
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", **load_kw) -> dict:
-    """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`."""
     import torch
     from transformers import AutoTokenizer
 
-    from helpers.core.models import load_check
+    from helpers.core.models import default_device, load_check
+
+    if streamed:
+        return streamed_logit_check(source, pruned, plan, texts, dtype=dtype, device=default_device())
 
     tok = AutoTokenizer.from_pretrained(str(pruned))
     base = load_check(source, dtype=dtype, **load_kw).eval()
@@ -347,6 +318,7 @@ def run(p: Params) -> ExpertPruneResult:
     m02 = load_manifest(p.scores_manifest)
     scores_path = output_path(m02, "scores")
     model_dir = p.model or input_path(m02, "merged")
+    memplan.announce_step("03", p, model_dir)
     plan = make_plan(model_dir, scores=scores_path, criterion=p.criterion, keep=p.keep)
     plan_path = save_plan(run_dir / "plan.json", plan)
     with manifest.timer("prune"):  # a rerun replaces this step's earlier prune

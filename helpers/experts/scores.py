@@ -54,7 +54,11 @@ def delta_from_checkpoints(base, tuned, block_bytes: int = BLOCK_BYTES) -> dict[
 # ---- delta-L2 from LoRA factors ---------------------------------------------------------------
 _PREFIX = re.compile(r"^(?:base_model\.model\.)?")
 _FUSED_LORA = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.((?:base_layer\.)*)lora_([AB])\.weight$")
-_LEGACY_LORA = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.lora_([AB])\.weight$")
+_LEGACY_LORA = re.compile(
+    r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.experts\.(\d+)\.(w[123]|gate_proj|up_proj|down_proj)"
+    r"\.lora_([AB])\.weight$"
+)
+_ROLE = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
 def _gram_norm2(B: torch.Tensor, A: torch.Tensor) -> float:
@@ -97,8 +101,10 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
     Fused experts (`target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`):
     peft's ParamWrapper holds A [E*r, in] expert-major and B [out, r*E] rank-major, so expert e
     uses A.reshape(E, r, in)[e] and B.reshape(out, r, E)[:, :, e]; gate_up's out rows are w1 then
-    w3. Per-expert Linear adapters (`experts.{e}.w1` ...) hold A [r, in], B [out, r]. The tensors
-    are views of the adapter's (no product is formed); DoRA and non-LoRA adapters are refused.
+    w3. Per-expert Linear adapters (`block_sparse_moe.experts.{e}.w1` ..., or QLoRA's
+    `mlp.experts.{e}.gate_proj/up_proj/down_proj` = w1/w3/w2, `helpers.core.moe`) hold A [r, in],
+    B [out, r]. The tensors are views of the adapter's (no product is formed); DoRA and non-LoRA adapters
+    are refused.
     """
     adapter_dir = Path(adapter_dir)
     cfg = read_json(adapter_dir / "adapter_config.json")
@@ -114,7 +120,8 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
         if m := _FUSED_LORA.match(k):
             groups.setdefault(("fused", int(m.group(1)), m.group(2)), {})[m.group(3)] = t
         elif m := _LEGACY_LORA.match(k):
-            groups.setdefault(("legacy", int(m.group(1)), int(m.group(2)), m.group(3)), {})[m.group(4)] = t
+            key = ("legacy", int(m.group(1)), int(m.group(3)), _ROLE[m.group(4)], f"{m.group(2)}.experts.{m.group(3)}")
+            groups.setdefault(key + (m.group(4),), {})[m.group(5)] = t
     if not groups:
         raise ValueError(
             f"{adapter_dir}: no LoRA factors on experts (expected target_parameters "
@@ -129,8 +136,8 @@ def expert_factors(adapter_dir, config: dict) -> dict[tuple[int, int, str], Expe
         if not 0 <= layer < L:
             raise ValueError(f"{adapter_dir}: LoRA on layer {layer}, model has {L} layers")
         if key[0] == "legacy":
-            _, _, e, w = key
-            module = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}"
+            _, _, e, w, where, leaf = key
+            module = f"model.layers.{layer}.{where}.{leaf}"
             out[(layer, e, w)] = ExpertLoRA(B, A, _scaling(module, A.shape[0], cfg))
             continue
         if A.shape[0] % E:

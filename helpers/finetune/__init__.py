@@ -24,6 +24,8 @@ __all__, __getattr__ = lazy_names(
             "sft_dataset",
             "load_kwargs",
             "prepare_kbit",
+            "no_cpu_repack",
+            "load_for_training",
             "weight_bytes",
             "sft_kwargs",
             "TrainResult",

@@ -9,7 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
-from helpers.core import arch
+from helpers.core import arch, moe
 from helpers.core.checkpoint import SIDE_FILES, Checkpoint, local_dir
 from helpers.core.compat import make_portable
 from helpers.core.fsutil import atomic_dir, refuse_existing
@@ -24,6 +24,8 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
     unquantized in its own dtype on CPU (Mixtral-8x7B bf16: ~95 GB of RAM), refusing one with
     missing or unexpected keys, merges with peft's merge_and_unload (safe_merge: NaNs raise), saves
     in about as many shards as the base has (or `n_shards`) with its tokenizer files, atomically.
+    An adapter trained on per-expert Linear experts (QLoRA, `helpers.core.moe`) is merged into the base
+    unfused in memory, then fused back, whichever layout (legacy or fused) the base has on disk.
     """
     from peft import PeftModel
 
@@ -33,7 +35,12 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
     base_dir = local_dir(base_dir)
     check_overlap({"base": base_dir, "adapter": adapter_dir}, {"out": out_dir})
     base = load_check(base_dir, dtype="auto", own=False)
+    per = is_per_expert_adapter(adapter_dir)
+    if per:
+        moe.unfuse_experts(base)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
+    if per:
+        moe.fuse_experts(model)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_sharded(model, tmp, n_shards or len(Checkpoint(base_dir).shards))
         for f in SIDE_FILES:  # tokenizer and chat template travel with the weights
@@ -41,6 +48,17 @@ def merge_adapter(base_dir, adapter_dir, out_dir, overwrite: bool = False, n_sha
                 shutil.copy2(base_dir / f, tmp / f)
         make_portable(tmp)  # transformers 4.57 reads it too
     return out_dir
+
+
+def is_per_expert_adapter(adapter_dir) -> bool:
+    """True when the adapter's LoRA sits on per-expert modules (mlp.experts.{e}.gate_proj ...)."""
+    from safetensors import safe_open
+
+    f = Path(adapter_dir) / "adapter_model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (a peft LoRA adapter directory?)")
+    with safe_open(str(f), framework="pt") as h:
+        return any(re.search(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.lora_", k) for k in h.keys())
 
 
 def _kind(name: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from helpers import plots
+from helpers.core import memplan
 from helpers.core.checkpoint import local_dir
 from helpers.core.manifest import Manifest, output_path
 from helpers.core.models import load_check
@@ -61,6 +62,7 @@ def run(p: Params) -> FinetuneResult:
     """Train, merge, inspect and record step 01; returns what the notebook's Inspect cells show."""
     manifest = Manifest(STEP, dict(p))
     base = local_dir(p.model or output_path(p.world_manifest, "mixtral"))  # a hub id becomes its local snapshot
+    memplan.announce_step("01", p, base)  # prints the row; refuses when the visible GPUs cannot hold it
     world = Path(p.world_manifest).parent
     train_rows = sft_dataset(p.dataset, p.n_train, world=world, split="train", seed=p.seed)
     eval_rows = (

@@ -3,11 +3,15 @@
 Recipes live in `helpers.finetune.presets`; rows come from `helpers.core.data` ("toy", local files,
 hub ids) or are passed as a list / Dataset.
 
-QLoRA (`quantize="4bit"`): nf4, double quant, bf16 compute, `device_map="auto"` on GPUs (accelerate
-spreads a large model over all of them). bitsandbytes quantizes Linear modules only, so the fused
-expert stacks stay bf16 (bitsandbytes issue 1849): Mixtral-8x7B needs ~90 GB for its experts alone,
-i.e. two 80 GB GPUs or one H200. We also do NOT call peft's `prepare_model_for_kbit_training`,
-which upcasts every bf16 parameter (those expert stacks included) to fp32; only 1-D ones are upcast.
+QLoRA (`quantize="4bit"`): nf4, double quant, bf16 compute, `device_map="auto"` on GPUs. bitsandbytes
+quantizes Linear modules only, so a MoE model is loaded with per-expert Linear experts
+(`helpers.core.moe`): every expert becomes three Linear4bit (Mixtral-8x7B: 24.5 GB of weights, not 91 GB
+with the fused stacks left bf16) and the preset's fused target_parameters become per-expert
+target_modules (gate_proj / up_proj / down_proj). We do NOT call peft's `prepare_model_for_kbit_training`
+(it upcasts every bf16 parameter to fp32); only 1-D ones are upcast. On CPUs with AVX512-BF16,
+bitsandbytes repacks a 4-bit weight at its first no-grad forward into a layout with no backward, after
+which gradients stop silently (an evaluate() before training triggers it): `prepare_kbit` turns that
+repacking off.
 Per-expert LoRA factors of an adapter are decoded by `helpers.experts.expert_factors`.
 
 Usage: `r = train_lora("runs/toy/world/mixtral", ds, "runs/toy/01/adapter", preset="mixtral-experts", steps=20)`
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.core import moe
 from helpers.core.data import DEFAULT_WORLD, load_sft
 from helpers.core.fsutil import atomic_dir, read_json, refuse_existing, write_json
 from helpers.core.models import default_device
@@ -88,7 +93,38 @@ def prepare_kbit(model):
         p.requires_grad_(False)
         if p.ndim == 1 and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+    no_cpu_repack(model)
     return model
+
+
+def no_cpu_repack(model):
+    """Turn off (and undo) bitsandbytes' AVX512-BF16 CPU repacking of 4-bit weights: the packed layout is
+    inference-only (gemv_4bit, no backward), so a no-grad forward before training would stop gradients."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            w = m.weight
+            if getattr(w.quant_state, "packing_format_for_cpu", False):
+                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return model
+
+
+def load_for_training(model_path, p: Preset, quantize: str | None, kw: dict):
+    """(model, preset as it trains). Quantized MoE: per-expert Linear4bit experts, fused target_parameters
+    turned into per-expert target_modules (checked against the loaded model); else the stock fused layout."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if quantize and moe.is_moe(AutoConfig.from_pretrained(str(model_path))):
+        model = moe.load_per_expert(model_path, **kw)
+        p = dataclasses.replace(p, targets=moe.per_expert_targets(p.targets, p.target_parameters), target_parameters=())
+        check_lora_targets(model, p, where=str(model_path))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kw)
+    if quantize:
+        prepare_kbit(model)
+    return model, p
 
 
 def weight_bytes(model) -> dict[str, int]:
@@ -190,7 +226,7 @@ def train_lora(
     With `eval_dataset`, the eval loss is measured before and after training.
     """
     import datasets
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoConfig, AutoTokenizer, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -209,9 +245,7 @@ def train_lora(
         raise ValueError(f"{model_path}: tokenizer has no chat template for 'messages' rows; use 'text' rows")
 
     set_seed(seed)  # LoRA A init happens inside SFTTrainer
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), **kw)
-    if quantize:
-        prepare_kbit(model)
+    model, p = load_for_training(model_path, p, quantize, kw)
     bytes_by_dtype = weight_bytes(model)
 
     with tempfile.TemporaryDirectory(prefix="sft-") as scratch:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.core import arch
+from helpers.core import arch, memplan
 from helpers.core.checkpoint import Checkpoint, local_dir
 from helpers.core.fsutil import dir_bytes, refuse_existing, write_json
 from helpers.core.manifest import Manifest, output_path, resolve
@@ -317,6 +317,7 @@ def run(p: Params) -> LayerDropResult:
     world_dir = resolve(Path(p.world_manifest).parent if p.world_manifest else TOY_WORLD)
     model_path = p.model or output_path(load_manifest(p.world_manifest), "mistral")
     config = arch.read_config(local_dir(model_path))
+    memplan.announce_step("04", p, local_dir(model_path))
     check_params(config, p)
     check_outputs(save_dir, removed_dir, p.overwrite, local_dir(model_path), {**records, "figures": fig_dir})
 

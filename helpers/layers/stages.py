@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import finetune, plots
-from helpers.core import data
+from helpers.core import data, memplan
 from helpers.core.fsutil import write_json
 from helpers.core.manifest import Manifest, output_path
 from helpers.core.manifest import load as load_manifest
@@ -139,6 +139,7 @@ def _setup(p: Params) -> _Ctx:
     m04 = load_manifest(p.layer_drop_manifest)
     a_dir, bundles_dir = output_path(m04, "stage_a"), output_path(m04, "bundles")
     base_dir = Path(p.base_model or bundles.read_record(a_dir, bundles_dir)["base"]["path"])
+    memplan.announce_step("05", p, base_dir)
     manifest.input("layer_drop_manifest", p.layer_drop_manifest).input("stage_a", a_dir).input("bundles", bundles_dir)
     manifest.input("base", base_dir)
     device = p.device or default_device()
