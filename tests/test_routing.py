@@ -22,9 +22,10 @@ from helpers.core.verify import fingerprint
 from helpers.core.writer import copy_checkpoint
 from helpers.eval import mmlu_pro
 from helpers.layers import drop as layers
-from helpers.layers import routing
+from helpers.layers import routing, serve
 from helpers.layers import scoring as stage_scoring
-from helpers.layers.routing import STAGES, Router, Thresholds
+from helpers.layers.routing import STAGES, Thresholds
+from helpers.layers.serve import Router
 from helpers.toy import synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,9 @@ PROMPTS = [
     "the next letter after c is",
 ]
 HEADER = re.compile(
-    r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tokens \| (\d+\.\d) tok/s \| routed in \d+ ms$", re.M
+    r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tokens \| (\d+\.\d) tok/s \| routed in \d+ ms"
+    r" \| saved vs FULL ([+-]\d+) ms$",
+    re.M,
 )
 
 
@@ -190,12 +193,10 @@ def test_repl_serves_lines_until_quit(stages, tok):
     th, _ = _spread_thresholds(stages, tok, PROMPTS)
     router = Router(stages, tok, th)
     out = io.StringIO()
-    served = routing.repl(
-        router, io.StringIO(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n:q\n{PROMPTS[2]}\n"), out, max_new_tokens=3
-    )
+    served = serve.repl(router, io.StringIO(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n:q\n{PROMPTS[2]}\n"), out, max_new_tokens=3)
     heads = HEADER.findall(out.getvalue())
     assert served == 2 and len(heads) == 2
-    for (stage, ent, _, _), p in zip(heads, PROMPTS[:2]):
+    for (stage, ent, _, _, _), p in zip(heads, PROMPTS[:2]):
         assert (stage, float(ent)) == (router.choose(p)[0], pytest.approx(router.choose(p)[1], abs=1e-4))
 
 

@@ -145,7 +145,7 @@ def data_of(world_manifest) -> str | None:
 
 # ---- routed -----------------------------------------------------------------------------------
 def router_for(v: Variant) -> tuple[dict, object, Callable[[list[str]], list[str]]]:
-    """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages) from `routing.Router`."""
+    """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages) from `serve.Router`."""
     from helpers.layers import Router
 
     router = Router.from_dirs(v.stage_a, v.bundles, v.thresholds)

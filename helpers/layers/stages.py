@@ -31,7 +31,7 @@ from helpers.core.models import default_device, default_dtype, load_check
 from helpers.core.steps import Params
 from helpers.core.verify import Comparison, compare, fingerprint
 from helpers.eval import mmlu_pro
-from helpers.layers import bundles, routing, scoring
+from helpers.layers import bundles, routing, scoring, serve
 
 STEP = "05_bundles_and_routing"
 
@@ -200,7 +200,7 @@ def _calibrate(c: _Ctx, entropy: np.ndarray, correct: dict) -> _Calibration:
 
 def _router_demo(c: _Ctx, cal: _Calibration) -> pd.DataFrame:
     """The first N_DEMO held-out prompts through Router, with thresholds read back from disk (fingerprint checked)."""
-    router = routing.Router(c.stages, c.tok, routing.Thresholds.load(cal.path, fingerprint=cal.fingerprint))
+    router = serve.Router(c.stages, c.tok, routing.Thresholds.load(cal.path, fingerprint=cal.fingerprint))
     held_out = [q for q, is_cal in zip(c.prompts, cal.is_cal) if not is_cal]
     return router.table(held_out[: c.p.n_demo], c.p.max_new_tokens)
 
