@@ -129,6 +129,8 @@ def extend(stage, pre: Prefill, rows: Sequence[int], *, is_a: bool = False) -> t
     `is_a`: the stage is A itself; its cache rows are taken as they are and nothing is computed.
     """
     idx = torch.as_tensor(list(rows), dtype=torch.long, device=pre.hidden.device)
+    if is_a and list(rows) == list(range(len(pre.mask))):  # the whole batch stays on A: its cache as it is
+        return pre.cache, pre.logits
     cache = DynamicCache(config=stage.config)
     n_copy = len(pre.cache.layers) if is_a else pre.p
     for i in range(n_copy):
