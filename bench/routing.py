@@ -4,7 +4,7 @@ Two sets of stages, each a real layer drop loaded with `bundles.load_stages` (A,
 layers before the block): the toy world's (notebook 04's A + bundles, if present, on toy MMLU-Pro
 prompts) and a random reduced-width 32-layer Mistral shape cut to 24 layers in A (the 8 layers
 before the last: bundles B and C of 4) on random prompts. Thresholds are set at entropy quantiles
-of the prompt set itself so it splits 50/30/20 over A/AB/FULL. `helpers.layers.speed.measure` times
+of the prompt set itself so it splits 50/30/20 over A/AB/FULL. `helpers.layers.speed.measure_routed` times
 FULL, A, the ideal (each prompt on its chosen stage, the choice free) and routed (the cascade),
 interleaved. The last line reads "routed/FULL throughput = X (ideal Y)" for the 32 -> 24 shape.
 
@@ -35,8 +35,10 @@ def report(name: str, stages: dict, batches, args) -> dict:
     logits = [cascade.prefill(stages["A"], ids, mask, p).logits for ids, mask in batches]
     h = routing.entropy_of_logits(torch.cat(logits)).cpu().numpy()
     th = routing.calibrate_mix(h, MIX, fingerprint="bench")
-    m = speed.measure(stages, batches, speed.chooser(th), new_tokens=args.new_tokens, reps=args.reps)
-    print(f"[{name}] layers {m['layers']}, shared prefix {m['shared_prefix']}; {speed.describe(m)}; {m['device']}")
+    m = speed.measure_routed(stages, batches, speed.chooser(th), new_tokens=args.new_tokens, reps=args.reps)
+    print(
+        f"[{name}] layers {m['layers']}, shared prefix {m['shared_prefix']}; {speed.describe_routed(m)}; {m['device']}"
+    )
     for v in speed.VARIANTS:
         print(f"  {v:>6}: {m['tok_s'][v]:8.1f} tok/s   reps {m['seconds_all_reps'][v]} s")
     print(

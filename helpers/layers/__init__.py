@@ -71,6 +71,7 @@ __all__, __getattr__ = lazy_names(
             "n_layers",
         ],
         "serve": ["Routed", "Router", "repl"],
+        "speed": ["chooser", "batches_of", "measure_routed", "describe_routed"],
         "cascade": ["shared_prefix", "prefill", "extend", "decode", "plain", "encode_left"],
         "scoring": ["forward_logits", "mean_nll", "stage_table", "model_report"],
         "stages": ["StagesResult"],

@@ -7,7 +7,7 @@ on the stage the router picks, the choice taken as free (no routing pass, no reu
 exactly `new_tokens` per prompt (end-of-sequence ignored while timing) through the same decode loop,
 so tokens/s compare like for like. Used by bench/routing.py, notebook 05 and the routed variant of 06.
 
-Usage: `m = measure(stages, batches_of(tok, prompts, 1), chooser(th), new_tokens=32); m["routed_over_full"]`
+Usage: `m = measure_routed(stages, batches_of(tok, prompts, 1), chooser(th), new_tokens=32); m["routed_over_full"]`
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def _ideal(stages, ids, mask, picks, n):
 
 
 @torch.no_grad()
-def measure(stages: dict, batches, choose, *, new_tokens: int = 32, reps: int = 3, progress: bool = True) -> dict:
+def measure_routed(
+    stages: dict, batches, choose, *, new_tokens: int = 32, reps: int = 3, progress: bool = True
+) -> dict:
     """Seconds, tokens/s and ratios of FULL, A, ideal and routed over `batches` (see module doc)."""
     dev = model_device(stages["A"])
     p = cascade.shared_prefix(stages["A"], [m for s, m in stages.items() if s != "A"])
@@ -104,7 +106,7 @@ def measure(stages: dict, batches, choose, *, new_tokens: int = 32, reps: int = 
         "batches": len(batches),
         "reps": reps,
         "mix": stage_mix(flat),
-        "layers": {s: len(stages[s].base_model.layers) for s in STAGES},
+        "layers": {s: len(m.base_model.layers) for s, m in stages.items()},
         "shared_prefix": p,
         "seconds": {v: round(sec[v], 4) for v in VARIANTS},
         "seconds_all_reps": {v: [round(t, 4) for t in totals[v]] for v in VARIANTS},
@@ -116,7 +118,7 @@ def measure(stages: dict, batches, choose, *, new_tokens: int = 32, reps: int = 
     }
 
 
-def describe(m: dict) -> str:
+def describe_routed(m: dict) -> str:
     """One line: what was measured, on how many prompts and tokens."""
     mix = "/".join(f"{100 * m['mix'][s]:.0f}" for s in STAGES)
     return (
