@@ -35,7 +35,9 @@ def report(name: str, stages: dict, batches, args) -> dict:
     logits = [cascade.prefill(stages["A"], ids, mask, p).logits for ids, mask in batches]
     h = routing.entropy_of_logits(torch.cat(logits)).cpu().numpy()
     th = routing.calibrate_mix(h, MIX, fingerprint="bench")
-    m = speed.measure_routed(stages, batches, speed.chooser(th), new_tokens=args.new_tokens, reps=args.reps)
+    m = speed.measure_routed(
+        stages, batches, speed.chooser(th), new_tokens=args.new_tokens, reps=args.reps, progress=False
+    )
     print(
         f"[{name}] layers {m['layers']}, shared prefix {m['shared_prefix']}; {speed.describe_routed(m)}; {m['device']}"
     )

@@ -402,6 +402,7 @@ def test_stages_run_writes_what_notebook_05_records(on_disk, tiny_mmlu, tmp_path
             "held_out",
             "auroc_entropy_flags_errors",
             "router_demo",
+            "routed_speed",
             "full_vs_base",
             "healing",
             "healing_training",
@@ -409,6 +410,10 @@ def test_stages_run_writes_what_notebook_05_records(on_disk, tiny_mmlu, tmp_path
     )
     assert len(r.scores) == len(pd.read_csv(run_dir / "scores.csv")) == m["metrics"]["n_questions"]
     assert len(pd.read_csv(run_dir / "tradeoff.csv")) == len(r.curve) and len(r.demo) == 2
+    sp = r.report["routed_speed"]  # measured on the demo prompts, routing pass included
+    assert sp["prompts"] == 2 and sp["summary"].startswith("measured end to end") and sp["tok_s"]["routed"] > 0
+    assert m["metrics"]["routed_over_full_measured"] == sp["routed_over_full"]
+    assert sorted(sp["mix"]) == sorted(STAGES) and r.demo["saved_seconds"].notna().all()
     assert list(r.by_category.columns) == [f"correct_{st}" for st in STAGES]
     assert (
         {f.name for f in (run_dir / "figures").glob("*.png")}
