@@ -108,6 +108,9 @@ def prefill(a_model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p: i
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("cascade.prefill needs left padding (tokenizer.padding_side = 'left')")
     base, layers = a_model.base_model, list(a_model.base_model.layers)
+    window = getattr(base.config, "sliding_window", None)
+    if window is not None and ids.shape[1] + 1 >= window:  # a sliding cache copied row-wise would lose its count
+        raise ValueError(f"cascade.prefill: prompts of {ids.shape[1]} tokens reach the sliding window ({window})")
     _renumber(layers)
     cache = DynamicCache(config=a_model.config)
     pos = _positions(mask)
