@@ -124,3 +124,19 @@ def test_right_padding_is_refused(world):
     enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="left padding"):
         cascade.prefill(stages["A"], enc["input_ids"], enc["attention_mask"], 4)
+
+
+def test_decode_stops_at_end_of_sequence_like_generate(world):
+    stages, tok = world
+    m = stages["AB"]
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    eos = int(_own(m, tok, PROMPTS[0], 8)[2])  # a token the stage emits at step 3: now it ends the reply
+    saved, m.generation_config.eos_token_id = m.generation_config.eos_token_id, eos
+    try:
+        want = m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1] :]
+        got = cascade.plain(m, ids, torch.ones_like(ids), max_new_tokens=8)[0]
+    finally:
+        m.generation_config.eos_token_id = saved
+    assert torch.equal(got, want) and len(got) <= 3 and int(got[-1]) == eos
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cascade.plain(m, ids, torch.ones_like(ids), max_new_tokens=0)

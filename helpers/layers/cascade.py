@@ -154,11 +154,13 @@ def decode(model, cache, logits: torch.Tensor, mask: torch.Tensor, pos: torch.Te
     `mask` / `pos`: the prompt's [b, T] attention mask and position ids. Stops early once every row has
     produced the end-of-sequence token (as `generate` does); rows that ended are padded with it.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"cascade.decode: max_new_tokens must be >= 1, got {max_new_tokens}")
     eos = model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
-    pad = next(iter(eos)) if eos else 0
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=logits.device)
+    pad = int(eos[0]) if len(eos) else 0
     tok = logits.argmax(-1)  # [b]
-    out, done = [tok], torch.tensor([int(t) in eos for t in tok.tolist()], device=tok.device)
+    out, done = [tok], torch.isin(tok, eos)
     nxt = pos[:, -1:] + 1
     for _ in range(max_new_tokens - 1):
         if bool(done.all()):
@@ -167,7 +169,7 @@ def decode(model, cache, logits: torch.Tensor, mask: torch.Tensor, pos: torch.Te
         step = model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, past_key_values=cache)
         tok = step.logits[:, -1].argmax(-1).masked_fill(done, pad)
         out.append(tok)
-        done = done | torch.tensor([int(t) in eos for t in tok.tolist()], device=tok.device)
+        done = done | torch.isin(tok, eos)
         nxt = nxt + 1
     return torch.stack(out, dim=1)
 
