@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd(
         "route",
-        "helpers.layers.routing:cli_route",
+        "helpers.layers.serve:cli_route",
         "entropy-routed generation over stages A/AB/FULL (REPL without --prompt)",
     )
     _opt(p, "--base-model", required=True, help="stage A checkpoint")

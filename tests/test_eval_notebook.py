@@ -13,6 +13,7 @@ from helpers.core.models import load_model
 from helpers.core.writer import copy_checkpoint
 from helpers.eval import mmlu_pro, results
 from helpers.eval.run import Plan
+from helpers.layers.routing import Thresholds
 from helpers.toy import synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +90,9 @@ def test_routed_variant_with_injected_router(fake_runs, tiny_mistral, tiny_mmlu,
     )
     choose = lambda prompts: ["A" if len(p) % 2 else "FULL" for p in prompts]  # noqa: E731
     plan = Plan(modes=("cloze",), limit=6, speed_prompt_tokens=8, speed_new_tokens=2)
+    th = Thresholds(1.0, 1.0, "manual", None, 0, "")  # for the speed run: A below 1 nat, else FULL
     path = variants.evaluate_routed(
-        v, tmp_path / "routed", plan, tiny_mmlu, ({"A": a, "FULL": full}, tok, choose), progress=False
+        v, tmp_path / "routed", plan, tiny_mmlu, ({"A": a, "FULL": full}, tok, choose, th), progress=False
     )
     doc = json.loads(path.read_text())
     qs, _ = mmlu_pro.load(tiny_mmlu, limit=6)
@@ -100,7 +102,14 @@ def test_routed_variant_with_injected_router(fake_runs, tiny_mistral, tiny_mmlu,
     assert mix == {s: want.count(s) for s in sorted(set(want))}
     n = doc["config"]["params_per_stage"]
     assert doc["config"]["params"] == int((n["A"] * mix.get("A", 0) + n["FULL"] * mix.get("FULL", 0)) / 6)
-    assert doc["speed"]["per_stage"].keys() == {"A", "FULL"}
+    sp = doc["speed"]  # measured end to end on the same prompts, not estimated from a mix
+    assert (
+        sp["routed"]["prompts"] == min(variants.SPEED_PROMPTS, len(mmlu_pro.load(tiny_mmlu)[0]))
+        and sp["routed"]["new_tokens_per_prompt"] == 2
+    )
+    assert sp["decode_tok_s"] == sp["routed"]["tok_s"]["routed"] > 0 and sp["note"].startswith("measured end to end")
+    assert set(sp["routed"]["tok_s"]) == {"FULL", "A", "ideal", "routed"}
+    assert "- routed: measured end to end" in results.summary_markdown(tmp_path)  # dir name = variant
 
 
 @pytest.mark.slow

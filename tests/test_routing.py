@@ -22,9 +22,10 @@ from helpers.core.verify import fingerprint
 from helpers.core.writer import copy_checkpoint
 from helpers.eval import mmlu_pro
 from helpers.layers import drop as layers
-from helpers.layers import routing
+from helpers.layers import routing, serve
 from helpers.layers import scoring as stage_scoring
-from helpers.layers.routing import STAGES, Router, Thresholds
+from helpers.layers.routing import STAGES, Thresholds
+from helpers.layers.serve import Router
 from helpers.toy import synth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,9 @@ PROMPTS = [
     "the next letter after c is",
 ]
 HEADER = re.compile(
-    r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tokens \| (\d+\.\d) tok/s \| routed in \d+ ms$", re.M
+    r"^stage (A|AB|FULL) \| entropy (\d+\.\d+) nats \| (\d+) tokens \| (\d+\.\d) tok/s \| routed in \d+ ms"
+    r" \| saved vs FULL ([+-]\d+) ms$",
+    re.M,
 )
 
 
@@ -190,12 +193,10 @@ def test_repl_serves_lines_until_quit(stages, tok):
     th, _ = _spread_thresholds(stages, tok, PROMPTS)
     router = Router(stages, tok, th)
     out = io.StringIO()
-    served = routing.repl(
-        router, io.StringIO(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n:q\n{PROMPTS[2]}\n"), out, max_new_tokens=3
-    )
+    served = serve.repl(router, io.StringIO(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n:q\n{PROMPTS[2]}\n"), out, max_new_tokens=3)
     heads = HEADER.findall(out.getvalue())
     assert served == 2 and len(heads) == 2
-    for (stage, ent, _, _), p in zip(heads, PROMPTS[:2]):
+    for (stage, ent, _, _, _), p in zip(heads, PROMPTS[:2]):
         assert (stage, float(ent)) == (router.choose(p)[0], pytest.approx(router.choose(p)[1], abs=1e-4))
 
 
@@ -401,6 +402,7 @@ def test_stages_run_writes_what_notebook_05_records(on_disk, tiny_mmlu, tmp_path
             "held_out",
             "auroc_entropy_flags_errors",
             "router_demo",
+            "routed_speed",
             "full_vs_base",
             "healing",
             "healing_training",
@@ -408,6 +410,10 @@ def test_stages_run_writes_what_notebook_05_records(on_disk, tiny_mmlu, tmp_path
     )
     assert len(r.scores) == len(pd.read_csv(run_dir / "scores.csv")) == m["metrics"]["n_questions"]
     assert len(pd.read_csv(run_dir / "tradeoff.csv")) == len(r.curve) and len(r.demo) == 2
+    sp = r.report["routed_speed"]  # measured on the demo prompts, routing pass included
+    assert sp["prompts"] == 2 and sp["summary"].startswith("measured end to end") and sp["tok_s"]["routed"] > 0
+    assert m["metrics"]["routed_over_full_measured"] == sp["routed_over_full"]
+    assert sorted(sp["mix"]) == sorted(STAGES) and r.demo["saved_seconds"].notna().all()
     assert list(r.by_category.columns) == [f"correct_{st}" for st in STAGES]
     assert (
         {f.name for f in (run_dir / "figures").glob("*.png")}

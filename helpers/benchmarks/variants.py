@@ -31,6 +31,7 @@ CHECKPOINTS = (
     ("routing", "healed_a", "mistral_healed_a", "mistral"),
 )
 ROUTED = "mistral_routed"
+SPEED_PROMPTS = 10  # cloze prompts the routed variant's speed is measured on
 ORDER = [v for _, _, v, _ in CHECKPOINTS] + [ROUTED]
 
 
@@ -144,12 +145,13 @@ def data_of(world_manifest) -> str | None:
 
 
 # ---- routed -----------------------------------------------------------------------------------
-def router_for(v: Variant) -> tuple[dict, object, Callable[[list[str]], list[str]]]:
-    """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages) from `routing.Router`."""
+def router_for(v: Variant) -> tuple[dict, object, Callable[[list[str]], list[str]], object]:
+    """(stage models {A, AB, FULL} sharing weights, tokenizer, prompts -> stages, thresholds) from `serve.Router`."""
     from helpers.layers import Router
 
     router = Router.from_dirs(v.stage_a, v.bundles, v.thresholds)
-    return router.stages, router.tokenizer, lambda prompts: [str(s) for s in router.route(prompts)[0]]
+    route = lambda prompts: [str(s) for s in router.route(prompts)[0]]  # noqa: E731
+    return router.stages, router.tokenizer, route, router.thresholds
 
 
 def _prompt(mode: str, shots, plan: Plan) -> Callable:
@@ -165,11 +167,11 @@ def evaluate_routed(
 ) -> Path:
     """Score the routed variant: each question goes to the stage its router picks from that mode's prompt.
 
-    `stages_router` = (stage models, tokenizer, prompts -> stages); default `router_for(v)`.
+    `stages_router` = (stage models, tokenizer, prompts -> stages, thresholds); default `router_for(v)`.
     `loaded`: (questions, shots) of `mmlu_pro.load(data)` when the caller has them.
     params = parameters used per question averaged over the stage mix (params_stored: A + bundles).
     """
-    stages, tok, choose = stages_router or router_for(v)
+    stages, tok, choose, th = stages_router or router_for(v)
     questions, shots = loaded or mmlu_pro.load(data)
     tasks = []
     for mode in plan.modes:
@@ -209,23 +211,29 @@ def evaluate_routed(
         params_per_stage=n_params,
     )
     cfg["params_stored"], cfg["params"] = cfg["params"], int(expected) if expected else cfg["params"]
-    speed = None
-    if plan.speed:
-        per = {s: speed_of(m, plan) for s, m in stages.items()}
-        w = {s: mix.get(s, 0) / total for s in per}
-        # time per token adds up over the mix; the router's own pass (stage A on the prompt) not included
-        speed = {
-            k: round(1.0 / sum(w[s] / per[s][k] for s in per if w[s]), 2) if any(w.values()) else None
-            for k in ("prefill_tok_s", "decode_tok_s")
-        }
-        speed.update(
-            peak_memory_bytes=max(p["peak_memory_bytes"] for p in per.values()),
-            memory_kind=per["A"]["memory_kind"],
-            device=per["A"]["device"],
-            per_stage=per,
-            note="mix-weighted over the stages; routing pass excluded",
-        )
+    speed = _routed_speed(stages, tok, th, questions, plan, progress) if plan.speed else None
     return results.write_results(out_dir, cfg, tasks, speed)
+
+
+def _routed_speed(stages, tok, th, questions, plan: Plan, progress: bool) -> dict:
+    """Routed throughput measured end to end (routing pass included) on SPEED_PROMPTS cloze prompts, beside
+    FULL, A and the ideal on the same prompts (`layers.measure_routed`); memory from FULL's speed probe."""
+    from helpers.layers import batches_of, chooser, describe_routed, measure_routed
+
+    prompts = [mmlu_pro.cloze_context(q) for q in mmlu_pro.take(questions, SPEED_PROMPTS)]
+    m = measure_routed(
+        stages, batches_of(tok, prompts), chooser(th), new_tokens=plan.speed_new_tokens, progress=progress
+    )
+    full = speed_of(stages["FULL"], plan)
+    return {
+        "prefill_tok_s": None,  # end to end only: prefill, routing and decode are one measured time here
+        "decode_tok_s": m["tok_s"]["routed"],
+        "peak_memory_bytes": full["peak_memory_bytes"],
+        "memory_kind": full["memory_kind"],
+        "device": full["device"],
+        "routed": m,
+        "note": describe_routed(m),
+    }
 
 
 # ---- all ----------------------------------------------------------------------------------------

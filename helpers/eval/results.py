@@ -152,6 +152,7 @@ def tables(root):
             speed.append(
                 base
                 | {k: s.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_memory_bytes", "memory_kind", "device")}
+                | {"note": s.get("note")}
             )
     return pd.DataFrame(acc), pd.DataFrame(cats), pd.DataFrame(speed)
 
@@ -248,6 +249,9 @@ def summary_markdown(
             lines += ["Unparsed CoT replies (counted wrong, never guessed):", ""]
             lines += [f"- {r.variant} / {r.task}: {r.n_unparsed} of {r.n}" for r in unparsed.itertuples()]
             lines.append("")
+        measured = speed.dropna(subset=["note"]) if "note" in speed else speed.iloc[:0]
+        if not measured.empty:  # e.g. the routed variant: decode_tok_s is end to end there
+            lines += ["Speed notes:", ""] + [f"- {r.variant}: {r.note}" for r in measured.itertuples()] + [""]
         mixes = acc.dropna(subset=["stage_mix"]) if "stage_mix" in acc else acc.iloc[:0]
         if not mixes.empty:
             lines += ["Routed stage mix (questions per stage):", ""]

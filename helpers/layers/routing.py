@@ -8,18 +8,15 @@ loosest thresholds whose routed accuracy stays >= target, given each stage's per
 correctness), and saved in thresholds.json with stage A's fingerprint: thresholds made for
 another base refuse to load. Never hard-coded.
 
-Usage: `th = calibrate_mix(H, (0.5, 0.3, 0.2), fingerprint=fingerprint(a)); Router(stages, tok, th).generate("2 + 3")`
+Usage: `th = calibrate_mix(prompt_entropy(a, tok, prompts), (0.5, 0.3, 0.2), fingerprint=fingerprint(a_dir))`
 """
 
 from __future__ import annotations
 
 import math
-import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -28,7 +25,6 @@ from tqdm.auto import tqdm
 
 from helpers.core.fsutil import read_json, write_json
 from helpers.core.models import model_device
-from helpers.core.verify import fingerprint
 from helpers.layers.distance import ensure_pad, last_token_index, positions
 
 STAGES = ("A", "AB", "FULL")
@@ -281,126 +277,3 @@ def correctness_frame(entropies, correct: dict) -> pd.DataFrame:
 
 def n_layers(model) -> int:
     return len(model.get_decoder().layers)
-
-
-# ---- router ---------------------------------------------------------------------------------
-@dataclass
-class Routed:
-    """One routed generation."""
-
-    prompt: str
-    stage: str
-    entropy: float
-    text: str
-    new_tokens: int
-    seconds: float  # generation on the chosen stage
-    route_seconds: float = 0.0  # the entropy pass on stage A that chose it
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def row(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
-
-    def header(self) -> str:
-        return (
-            f"stage {self.stage} | entropy {self.entropy:.4f} nats | {self.new_tokens} tokens | "
-            f"{self.tokens_per_s:.1f} tok/s | routed in {self.route_seconds * 1e3:.0f} ms"
-        )
-
-
-class Router:
-    """Routes each prompt to A, AB or FULL by stage A's next-token entropy, then generates greedily."""
-
-    def __init__(self, stages: dict, tokenizer, thresholds: Thresholds, *, fingerprint: str | None = None):
-        missing = [st for st in STAGES if st not in stages]
-        if missing:
-            raise KeyError(f"Router needs stages {list(STAGES)}; missing {missing}")
-        self.stages, self.tokenizer, self.thresholds = stages, ensure_pad(tokenizer), thresholds
-        if fingerprint is not None:
-            thresholds.check(fingerprint)
-
-    @classmethod
-    def from_dirs(cls, a_dir, bundles_dir, thresholds=None) -> Router:
-        """Stage A checkpoint + bundles dir (bundles layout); thresholds default to BUNDLES/thresholds.json."""
-        path = Path(thresholds) if thresholds else Path(bundles_dir) / THRESHOLDS_FILE
-        th = Thresholds.load(path, fingerprint=fingerprint(a_dir))  # before loading weights: fail fast
-        from transformers import AutoTokenizer
-
-        from helpers.core.models import default_device, default_dtype
-        from helpers.layers import bundles
-
-        device = default_device()
-        stages = bundles.load_stages(a_dir, bundles_dir, dtype=getattr(torch, default_dtype(device)), device=device)
-        return cls(stages, AutoTokenizer.from_pretrained(a_dir), th)
-
-    def choose(self, prompt: str) -> tuple[str, float]:
-        enc = self.tokenizer([prompt], return_tensors="pt")
-        h = float(last_token_entropy(self.stages["A"], enc["input_ids"], enc["attention_mask"])[0])
-        return self.thresholds.stage(h), h
-
-    def route(self, prompts: Sequence[str], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """(stages, entropies) for many prompts at once, without generating."""
-        h = prompt_entropy(self.stages["A"], self.tokenizer, prompts, batch_size=batch_size)
-        return self.thresholds.stages(h), h
-
-    @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> Routed:
-        t_route = time.perf_counter()
-        stage, h = self.choose(prompt)
-        t_route = time.perf_counter() - t_route
-        model = self.stages[stage]
-        dev = model_device(model)
-        enc = self.tokenizer([prompt], return_tensors="pt").to(dev)
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        _sync(dev)
-        dt = time.perf_counter() - t0
-        new = out[0, enc["input_ids"].shape[1] :]
-        return Routed(prompt, stage, h, self.tokenizer.decode(new, skip_special_tokens=True), len(new), dt, t_route)
-
-    def table(self, prompts: Sequence[str], max_new_tokens: int = 32) -> pd.DataFrame:
-        """Route and answer each prompt: one row per prompt (stage, entropy, text, tokens/s)."""
-        return pd.DataFrame([self.generate(p, max_new_tokens).row() for p in tqdm(prompts, desc="route", leave=False)])
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def repl(router: Router, lines: Iterable[str], out: TextIO | None = None, max_new_tokens: int = 32) -> int:
-    """Route and answer each line until EOF or ':q'; prints stage, entropy and tokens/s. Returns prompts served."""
-    out = out or sys.stdout
-    served = 0
-    for line in lines:
-        text = line.rstrip("\r\n")
-        if text.strip() == ":q":
-            break
-        if text.strip():
-            r = router.generate(text, max_new_tokens)
-            print(r.header(), file=out)
-            print(f"  {r.text}", file=out, flush=True)
-            served += 1
-    return served
-
-
-def cli_route(args) -> int:
-    router = Router.from_dirs(args.base_model, args.bundles_dir, args.thresholds)
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        repl(router, [args.prompt], max_new_tokens=args.max_new_tokens)
-        return 0
-    if sys.stdin.isatty():
-        print("one prompt per line; ':q' or Ctrl-D quits", file=sys.stderr)
-    repl(router, sys.stdin, max_new_tokens=args.max_new_tokens)
-    return 0

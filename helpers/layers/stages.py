@@ -31,7 +31,7 @@ from helpers.core.models import default_device, default_dtype, load_check
 from helpers.core.steps import Params
 from helpers.core.verify import Comparison, compare, fingerprint
 from helpers.eval import mmlu_pro
-from helpers.layers import bundles, routing, scoring
+from helpers.layers import bundles, routing, scoring, serve, speed
 
 STEP = "05_bundles_and_routing"
 
@@ -46,7 +46,8 @@ class StagesResult:
     outcomes: pd.DataFrame  # held-out half: each single stage and each calibration, routed
     curve: pd.DataFrame  # held-out trade-off: routed accuracy vs average layers per threshold pair
     auroc: dict  # per stage: how well A's entropy flags that stage's errors (all questions)
-    demo: pd.DataFrame  # the router on held-out prompts: stage, entropy, tokens/s, text
+    demo: pd.DataFrame  # the router on held-out prompts: stage, entropy, tokens/s, time saved vs FULL, text
+    speed: dict  # routed throughput measured end to end on the demo prompts beside FULL, A and the ideal
     full_vs_base: Comparison  # assembled stage_full/ against the base, tensor by tensor
     heal_table: pd.DataFrame  # held-out loss and cloze accuracy: A, A healed per preset, FULL
     history: pd.DataFrame  # LoRA training log per preset (long form)
@@ -95,7 +96,7 @@ def run(p: Params) -> StagesResult:
     curve = routing.sweep(entropy[~cal.is_cal], cal.test, c.layers, p.n_grid)
     curve.to_csv(c.run / "tradeoff.csv", index=False)
     auroc = {st: routing.auroc(entropy, ~ok) for st, ok in correct.items()}
-    demo = _router_demo(c, cal)
+    demo, routed_speed = _router_demo(c, cal)
     paths, full_vs_base = _assemble(c)
     heal, healed, heal_table, history = _heal(c, correct)
     figures = _figures(c.run / "figures", entropy, correct, curve, cal.outcomes, heal_table, history)
@@ -106,6 +107,7 @@ def run(p: Params) -> StagesResult:
         "held_out": cal.outcomes.to_dict("records"),
         "auroc_entropy_flags_errors": auroc,
         "router_demo": demo.to_dict("records"),
+        "routed_speed": routed_speed,
         "full_vs_base": str(full_vs_base),
         "healing": heal_table.to_dict("records"),
         "healing_training": {name: r.metrics for name, r in heal.items()},
@@ -121,6 +123,7 @@ def run(p: Params) -> StagesResult:
         curve=curve,
         auroc=auroc,
         demo=demo,
+        speed=routed_speed,
         full_vs_base=full_vs_base,
         heal_table=heal_table,
         history=history,
@@ -199,11 +202,16 @@ def _calibrate(c: _Ctx, entropy: np.ndarray, correct: dict) -> _Calibration:
     return _Calibration(is_cal, test, fp, th_mix, th_acc, path, outcomes)
 
 
-def _router_demo(c: _Ctx, cal: _Calibration) -> pd.DataFrame:
-    """The first N_DEMO held-out prompts through Router, with thresholds read back from disk (fingerprint checked)."""
-    router = routing.Router(c.stages, c.tok, routing.Thresholds.load(cal.path, fingerprint=cal.fingerprint))
-    held_out = [q for q, is_cal in zip(c.prompts, cal.is_cal) if not is_cal]
-    return router.table(held_out[: c.p.n_demo], c.p.max_new_tokens)
+def _router_demo(c: _Ctx, cal: _Calibration) -> tuple[pd.DataFrame, dict]:
+    """The first N_DEMO held-out prompts through Router, with thresholds read back from disk (fingerprint
+    checked); then the same prompts timed end to end: routed (cascade) beside FULL, A and the ideal."""
+    router = serve.Router(c.stages, c.tok, routing.Thresholds.load(cal.path, fingerprint=cal.fingerprint))
+    held_out = [q for q, is_cal in zip(c.prompts, cal.is_cal) if not is_cal][: c.p.n_demo]
+    demo = router.table(held_out, c.p.max_new_tokens)
+    with c.manifest.timer("routed_speed"):
+        batches = speed.batches_of(c.tok, held_out, 1)
+        m = speed.measure_routed(c.stages, batches, speed.chooser(router.thresholds), new_tokens=c.p.max_new_tokens)
+    return demo, {**m, "summary": speed.describe_routed(m)}
 
 
 def _assemble(c: _Ctx) -> tuple[dict[str, Path], Comparison]:
@@ -296,5 +304,7 @@ def _record(c: _Ctx, paths: dict, checks, full_vs_base: Comparison, cal: _Calibr
         accuracy_target=cal.accuracy.target,
         **held_out,
         heal_loss={r["model"]: r["loss"] for r in report["healing"]},
+        routed_over_full_measured=report["routed_speed"]["routed_over_full"],
+        ideal_over_full_measured=report["routed_speed"]["ideal_over_full"],
     )
     return m.save(c.p.run_dir)
