@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-shard-size", help="consolidated shard size, e.g. 10GB")
     _opt(p, "--overwrite", action="store_true")
 
+    p = cmd("sweep", "helpers.sweeps:cli_sweep", "accuracy vs experts kept / layers dropped, every criterion")
+    p.add_argument("side", choices=["experts", "layers"])
+    _opt(p, "--preset", default="toy", help="configs/<preset>.yaml: its step 03 / 04 parameters (default: toy)")
+    _opt(p, "--out", default=None, help="run root holding the steps' outputs (default: runs/<preset>)")
+    _opt(p, "--out-dir", default=None, help="CSVs and figures (default: eval_results/<preset>/sweeps)")
+    _opt(p, "--executor", choices=["local", "inline", "slurm", "submitit-local"], help="default: local processes")
+    _opt(p, "--workers", type=int, help="worker processes / concurrent slurm jobs (default 2)")
+    _opt(p, "--limit", type=int, help="questions per point (default 400)")
+    _opt(p, "--seeds", type=int, help="random-baseline seeds (default 5)")
+
     p = cmd(
         "layer-drop",
         "helpers.layers.drop:cli_layer_drop",
