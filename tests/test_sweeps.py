@@ -145,3 +145,21 @@ def test_fan_out_submitit_local_and_rerun_skips(tiny_mixtral, tiny_mmlu, tmp_pat
 def test_fan_out_refuses_unknown_executor():
     with pytest.raises(ValueError, match="--executor 'pbs'"):
         fan_out(len, [[1]], executor="pbs")
+
+
+def test_block_influence_from_the_angular_pass_equals_its_own(tiny_mistral):
+    from helpers.layers.distance import angular_distances, calibration_batches
+
+    model, tok = load_model(tiny_mistral, "float32", "cpu")
+    texts = ["sort these words : pear , fig , kiwi", "0 1 2 3", "the next letter after c is d . count the letters"]
+    batches = calibration_batches(tok, texts, seq_len=32, batch_size=2)
+    own = lsw.block_influence(model, batches, progress=False)
+    with lsw.influence_hooks(model) as bi:
+        angular_distances(model, batches=batches, progress=False)
+        shared = bi()
+    np.testing.assert_allclose(shared, own, rtol=1e-12)
+    hs = model(**batches[0], output_hidden_states=True).hidden_states  # entry l: input of layer l
+    m = batches[0]["attention_mask"].bool()
+    cos0 = torch.nn.functional.cosine_similarity(hs[0][m].double(), hs[1][m].double(), dim=-1)
+    one = lsw.block_influence(model, batches[:1], progress=False)
+    assert one[0] == pytest.approx(1 - float(cos0.mean()), rel=1e-9)

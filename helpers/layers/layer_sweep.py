@@ -32,31 +32,48 @@ DEFAULTS = dict(limit=400, seeds=5, mode="cloze", batch_size=64, resamples=5, ca
 DEFAULTS.update(executor="local", workers=2, slurm=None, heal=None)
 
 
-@torch.no_grad()
-def block_influence(model, batches: list[dict], progress: bool = True) -> np.ndarray:
-    """BI_l = 1 - mean over real tokens of cos(x_l, x_{l+1}) (layer l's input and output), [L]."""
+@contextmanager
+def influence_hooks(model):
+    """While open, every forward of `model` adds to Block Influence sums; yields a callable giving BI [L] so far.
+
+    BI_l = 1 - mean over real tokens of cos(x_l, x_{l+1}) (layer l's input and output; ShortGPT). The
+    attention mask is read off the decoder stack's own call, so any forward (e.g. the angular-distance
+    pass) feeds it: one calibration pass serves both criteria.
+    """
     layers = list(decoder_layers(model))[: model.config.num_hidden_layers]
     total, count, mask = torch.zeros(len(layers), dtype=torch.float64), [0], {}
+
+    def grab(_mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        m = kwargs.get("attention_mask")
+        mask["m"] = (m if m is not None else torch.ones_like(ids)).bool()
+        count[0] += int(mask["m"].sum())
 
     def hook(l):
         def fn(_mod, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, tuple) else out
-            m = mask["m"]
-            total[l] += torch.nn.functional.cosine_similarity(x[m].double(), y[m].double(), dim=-1).sum()
+            m = mask["m"].to(x.device)
+            total[l] += torch.nn.functional.cosine_similarity(x[m].double(), y[m].double(), dim=-1).sum().cpu()
 
         return fn
 
-    handles = [layer.register_forward_hook(hook(l), with_kwargs=True) for l, layer in enumerate(layers)]
+    handles = [model.base_model.register_forward_pre_hook(grab, with_kwargs=True)]
+    handles += [layer.register_forward_hook(hook(l), with_kwargs=True) for l, layer in enumerate(layers)]
     try:
-        for b in tqdm(batches, desc="block influence", leave=False, disable=not progress):
-            mask["m"] = b["attention_mask"].bool()
-            count[0] += int(mask["m"].sum())
-            model.base_model(**b, use_cache=False)
+        yield lambda: (1 - total / max(1, count[0])).numpy()
     finally:
         for h in handles:
             h.remove()
-    return (1 - total / max(1, count[0])).numpy()
+
+
+@torch.no_grad()
+def block_influence(model, batches: list[dict], progress: bool = True) -> np.ndarray:
+    """Block Influence [L] over calibration `batches` (see `influence_hooks`)."""
+    with influence_hooks(model) as bi:
+        for b in tqdm(batches, desc="block influence", leave=False, disable=not progress):
+            model.base_model(**b, use_cache=False)
+        return bi()
 
 
 def choose(method: str, n: int, L: int, *, D=None, bi=None, keep_last_layer: bool = True, seed: int = 0) -> list[int]:
@@ -146,8 +163,9 @@ def jaccard(a, b) -> float:
 def calibrate(model, tok, texts, p) -> tuple[np.ndarray, np.ndarray]:
     """(angular distances D, Block Influence) on `texts` with step 04's SEQ_LEN and BATCH_SIZE."""
     batches = calibration_batches(tok, texts, seq_len=p.seq_len, batch_size=p.batch_size)
-    D = angular_distances(model, batches=batches, progress=False)
-    return D, block_influence(model, batches, progress=False)
+    with influence_hooks(model) as bi:  # one pass feeds both
+        D = angular_distances(model, batches=batches, progress=False)
+        return D, bi()
 
 
 def stability_rows(model, tok, texts, p, n: int, full: tuple, resamples: int, fracs) -> list[dict]:
@@ -206,6 +224,8 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     from helpers.layers.drop import block_size
 
     o = {**DEFAULTS, **(opts or {})}
+    threads = max(1, torch.get_num_threads() // max(1, o["workers"]))  # each worker's share of the cores
+    torch.set_num_threads(threads)  # oversubscribed threads crawl on a busy machine (measured: 13 s vs 0.4 s)
     world = Path(p.world_manifest).parent if p.world_manifest else Path("runs/toy/world")
     model_path = str(p.model or output_path(load_manifest(p.world_manifest), "mistral"))
     out_dir, work = Path(out_dir or f"eval_results/{p.preset}/sweeps"), Path(work_dir or "runs/toy/sweeps/layers")
@@ -221,7 +241,7 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
         stab = stability_rows(model, tok, texts, p, n_star, (D, bi), o["resamples"], o["calib_fracs"])
     del model
     job = dict(root=str(work), model=model_path, data=str(world / "mmlu_pro"), limit=o["limit"], mode=o["mode"])
-    job.update(batch_size=o["batch_size"], threads=max(1, torch.get_num_threads() // max(1, o["workers"])))
+    job.update(batch_size=o["batch_size"], threads=threads)
     todo = sweep_table.pending(work, points)
     chunks = [{**job, "points": c} for c in chunked(todo, o["workers"])]
     with manifest.timer("points"):
