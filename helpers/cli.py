@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--workers", type=int, help="worker processes / concurrent slurm jobs (default 2)")
     _opt(p, "--limit", type=int, help="questions per point (default 400)")
     _opt(p, "--seeds", type=int, help="random-baseline seeds (default 5)")
+    _opt(p, "--work-dir", default=None, help="per-point results, skipped on a rerun (default: <run root>/sweeps/SIDE)")
+    _opt(p, "--heal", action=argparse.BooleanOptionalAction, help="layers: heal angular and last_n at DROP_FRAC")
+
+    p = cmd("sweep-findings", "helpers.sweeps:cli_findings", "findings.md over the sweeps of several toy-world seeds")
+    _opt(p, "--presets", default="toy,toy_seed1,toy_seed2", help="comma-separated presets (their sweeps CSVs)")
+    _opt(p, "--out-file", default=None, help="default: eval_results/<first preset>/sweeps/findings.md")
 
     p = cmd(
         "layer-drop",
