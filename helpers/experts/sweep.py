@@ -315,6 +315,16 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     return dict(csv=csv, figure=fig, rows=rows, stability=stab, points=points, manifest=work / "manifest.json")
 
 
+def at_keep(rows: list[dict], keep: int, task: str = "mmlu_pro_cloze"):
+    """The sweep at one budget (uniform allocation), as the notebook shows it: accuracy, interval, paired diff."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df = df[(df.task == task) & (df.allocation == "uniform") & (df.keep == keep) & (df.domain != "all")]
+    cols = ["criterion", "seed", "domain", "acc", "acc_low", "acc_high", "diff_cmp", "diff_cmp_low", "diff_cmp_high"]
+    return df[cols].round(3).reset_index(drop=True)
+
+
 def figure(rows: list[dict], path: Path, task: str = "mmlu_pro_cloze") -> Path:
     """Accuracy vs experts kept, one panel per domain, a line per criterion; random shaded (min-max of seeds)."""
     import matplotlib.pyplot as plt

@@ -223,6 +223,7 @@ class LayerDropResult:
     saved: object  # DataFrame: directory, what it holds, MB
     figures: dict[str, Path]  # distance_heatmap, min_distance_by_n -> RUN_DIR/figures/<name>.png
     manifest_path: Path
+    sweep: object = None  # DataFrame: the sweep at the chosen n (accuracy, 95% interval, paired diff); SWEEP
 
     @property
     def summary(self) -> str:
@@ -294,6 +295,13 @@ def run(p: Params) -> LayerDropResult:
     check_params(config, p)
     check_outputs(save_dir, removed_dir, p.overwrite)
 
+    sweep = None
+    if p.sweep:  # every method's accuracy vs layers dropped, before the surgery (helpers/layers/layer_sweep.py)
+        from helpers.layers.layer_sweep import at_n, run_sweep
+
+        with manifest.timer("sweep"):
+            sw = run_sweep(p, {"limit": p.sweep_limit, "seeds": p.sweep_seeds}, out_dir=run_dir / "sweep")
+        sweep = at_n(sw["rows"], block_size(config["num_hidden_layers"], p.drop_frac))
     D, texts = None, []
     if p.calib is not None:  # with LAYERS the distances are still measured and recorded, unless CALIB is None
         texts = calib_texts(p.calib, p.n_samples, world=world_dir, seed=p.seed)
@@ -332,8 +340,11 @@ def run(p: Params) -> LayerDropResult:
         bundles=plan["bundles"],
         n_calibration_texts=len(texts),
     )
+    if p.sweep:
+        figures["sweep"] = sw["figure"]
+        manifest.output("sweep", run_dir / "sweep")
     path = manifest.save(run_dir)
-    return LayerDropResult(manifest, plan, D, best, len(texts), a_dir, b_dir, stages, saved, figures, path)
+    return LayerDropResult(manifest, plan, D, best, len(texts), a_dir, b_dir, stages, saved, figures, path, sweep)
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -366,6 +377,7 @@ def cli_params(args) -> Params:
         values["RUN_DIR"] = str(run_dir)
     values["PRESET"] = None  # a command-line run belongs to no preset
     values["OVERWRITE"] = args.overwrite  # the command line replaces nothing unless told
+    values["SWEEP"] = False  # the sweep is `python -m helpers sweep layers`
     return Params(values)
 
 

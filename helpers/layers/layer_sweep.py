@@ -228,7 +228,8 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     torch.set_num_threads(threads)  # oversubscribed threads crawl on a busy machine (measured: 13 s vs 0.4 s)
     world = Path(p.world_manifest).parent if p.world_manifest else Path("runs/toy/world")
     model_path = str(p.model or output_path(load_manifest(p.world_manifest), "mistral"))
-    out_dir, work = Path(out_dir or f"eval_results/{p.preset}/sweeps"), Path(work_dir or "runs/toy/sweeps/layers")
+    out_dir = Path(out_dir or f"eval_results/{p.preset}/sweeps")
+    work = Path(work_dir or Path(p.run_dir).parent / "sweeps" / "layers")
     manifest = Manifest("sweep_layers", {**{k: v for k, v in o.items() if k != "heal"}, "preset": p.preset})
     model, tok = load_model(model_path, "float32", "cpu")
     L = int(model.config.num_hidden_layers)
@@ -264,6 +265,27 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     manifest.metrics(block_influence=bi.tolist(), finetuned_categories=ft)
     manifest.save(work)
     return dict(csv=csv, figure=fig, rows=rows, stability=stab, points=points, manifest=work / "manifest.json")
+
+
+def at_n(rows: list[dict], n: int, task: str = "mmlu_pro_cloze"):
+    """The sweep at one n, as the notebook shows it: accuracy, interval, paired diff to angular."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df = df[(df.task == task) & (df.n_drop == n) & (df.domain != "all")]
+    cols = [
+        "method",
+        "seed",
+        "healed",
+        "domain",
+        "acc",
+        "acc_low",
+        "acc_high",
+        "diff_cmp",
+        "diff_cmp_low",
+        "diff_cmp_high",
+    ]
+    return df[cols].round(3).reset_index(drop=True)
 
 
 def figure(rows: list[dict], path: Path, task: str = "mmlu_pro_cloze", n_star: int | None = None) -> Path:
