@@ -11,10 +11,12 @@ Usage: `python -m helpers sweep experts --preset toy --workers 2`; `python -m he
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
 STEP_OF = {"experts": "03", "layers": "04"}
+SWEEPS = {"experts": "helpers.experts.sweep:run_sweep", "layers": "helpers.layers.layer_sweep:run_sweep"}
 
 
 def write_stability(path, side: str, rows: list[dict]) -> Path:
@@ -50,10 +52,8 @@ def sweep(side: str, preset: str = "toy", out: str | None = None, opts: dict | N
     run_root = Path(p.run_dir).parent
     opts = dict(opts or {})
     out_dir = Path(opts.pop("out_dir", None) or f"eval_results/{preset}/sweeps")
-    if side == "experts":
-        from helpers.experts.sweep import run_sweep
-    else:
-        from helpers.layers.layer_sweep import run_sweep
+    module, name = SWEEPS[side].split(":")  # by name, as runner.STEPS: the top imports no step package
+    run_sweep = getattr(importlib.import_module(module), name)
     if side == "layers" and opts.get("heal", True):
         opts["heal"] = heal_options(preset, out)
     work = opts.pop("work_dir", None) or run_root / "sweeps" / side

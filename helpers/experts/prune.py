@@ -17,7 +17,6 @@ Usage: `apply_expert_prune("in/", plan_expert_prune(cfg, scores=s, k=6), "out/",
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from helpers.core.manifest import load as load_manifest
 from helpers.core.steps import Params, notebook_defaults
 from helpers.core.verify import compare
 from helpers.core.writer import copied, write_checkpoint
+from helpers.experts.masking import masked_router  # the reference a prune is checked against
 from helpers.experts.view import (
     ExpertView,
     check_expert_layout,
@@ -239,42 +239,7 @@ def size_table(rec: dict):
     return pd.DataFrame(cols, index=["params", "GB", "shards"])
 
 
-# ---- reference: the base model with pruned experts masked out ---------------------------------
-@contextmanager
-def masked_router(model, keep: dict):
-    """Within the block, each router's logits of experts not in `keep` are -inf before top-k.
-
-    This is what the pruned model must compute; its logits are the identity check for a prune.
-    """
-    import torch
-
-    from helpers.experts.scores import moe_blocks
-
-    keep = {int(l): v for l, v in keep.get("keep", keep).items()}
-    handles = []
-
-    def hook(ids):
-        def fn(gate, args, output):
-            x = args[0].reshape(-1, gate.weight.shape[1])  # [T, H]
-            logits = torch.nn.functional.linear(x, gate.weight)  # [T, E]
-            dropped = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            dropped[ids] = False
-            logits = logits.masked_fill(dropped, float("-inf"))
-            probs = torch.softmax(logits.float(), dim=-1)
-            top, idx = torch.topk(probs, gate.top_k, dim=-1)  # [T, k]
-            return logits, (top / top.sum(-1, keepdim=True)).to(output[1].dtype), idx
-
-        return fn
-
-    try:
-        for l, blk in enumerate(moe_blocks(model)):
-            handles.append(blk.gate.register_forward_hook(hook(keep[l])))
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-
-
+# ---- reference: the base model with pruned experts masked out (masking.masked_router) ----------
 def logit_check(source, pruned, plan: dict, texts: list[str], dtype="float32", **load_kw) -> dict:
     """Max |logits(pruned) - logits(source with pruned experts masked)| over `texts`."""
     import torch

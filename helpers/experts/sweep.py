@@ -166,7 +166,7 @@ def masked(model, point: dict):
     if not point["keep_sets"]:
         yield model
         return
-    from helpers.experts.prune import masked_router
+    from helpers.experts.masking import masked_router
 
     with masked_router(model, {int(l): v for l, v in point["keep_sets"].items()}):
         yield model

@@ -16,6 +16,7 @@ Usage: `python -m helpers sweep layers --preset toy`
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -184,28 +185,28 @@ def stability_rows(model, tok, texts, p, n: int, full: tuple, resamples: int, fr
 
 
 def heal_points(model_path, points: list[dict], heal: dict, work: Path, job: dict) -> list[str]:
-    """Cut (stage A as step 04 writes it), heal (LoRA as step 05) and score each point; keys get "_healed"."""
-    from helpers.core import arch
+    """Cut (the in-memory cut saved: stage A, as the tests prove), heal (LoRA as step 05), score; keys get "_healed"."""
     from helpers.core.data import load_texts
+    from helpers.core.fsutil import atomic_dir
     from helpers.core.models import load_model
     from helpers.eval import mmlu_pro
     from helpers.finetune import merge_adapter, train_lora
-    from helpers.layers.drop import apply_layer_drop, plan_layer_drop
 
     rows = [{"text": t} for t in load_texts(heal["data"], heal["n"], world=heal["world"], seed=heal["seed"])]
     questions, shots = mmlu_pro.load(job["data"], limit=job["limit"])
-    config, done = arch.read_config(model_path), []
+    done = []
     for pt in points:
         hp = {**pt, "key": pt["key"] + "_healed", "healed": True}
         if not sweep_table.pending(work, [hp]):
             continue
         d = work / "healed" / pt["key"]
-        plan = plan_layer_drop(config, layers=f"{pt['drop'][0]}-{pt['drop'][-1]}", n_bundles=1)
-        a_dir, _ = apply_layer_drop(model_path, plan, d / "A", d / "bundles", overwrite=True)
-        r = train_lora(
-            a_dir, rows, d / "adapter", preset=heal["preset"], seed=heal["seed"], overwrite=True, **heal["overrides"]
-        )
-        merged = merge_adapter(a_dir, r.adapter_dir, d / "healed", overwrite=True)
+        model, tok = load_model(model_path, "float32", "cpu")
+        with skipped(model, pt), atomic_dir(d / "A", overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        kw = dict(preset=heal["preset"], seed=heal["seed"], overwrite=True, **heal["overrides"])
+        r = train_lora(d / "A", rows, d / "adapter", **kw)
+        merged = merge_adapter(d / "A", r.adapter_dir, d / "healed", overwrite=True)
         model, tok = load_model(merged, "float32", "cpu")
         kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=False)
         hp_eval = {**hp, "drop": []}  # the healed checkpoint has the layers removed already
@@ -221,7 +222,6 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     from helpers.core.models import load_model
     from helpers.experts import finetuned_categories
     from helpers.layers.distance import calib_texts
-    from helpers.layers.drop import block_size
 
     o = {**DEFAULTS, **(opts or {})}
     threads = max(1, torch.get_num_threads() // max(1, o["workers"]))  # each worker's share of the cores
@@ -237,7 +237,7 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     with manifest.timer("calibration"):
         D, bi = calibrate(model, tok, texts, p)
     points = plan_points(L, D, bi, p.keep_last_layer, o["seeds"])
-    n_star = block_size(L, p.drop_frac)
+    n_star = int(math.floor(p.drop_frac * L + 0.5))  # drop.block_size's rule (drop.run imports this module)
     with manifest.timer("stability"):
         stab = stability_rows(model, tok, texts, p, n_star, (D, bi), o["resamples"], o["calib_fracs"])
     del model
