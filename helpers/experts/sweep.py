@@ -339,11 +339,12 @@ def figure(rows: list[dict], path: Path, task: str = "mmlu_pro_cloze") -> Path:
         for alloc, style in (("uniform", "-"), ("global", "--")):
             r = d[(d.criterion == "random") & (d.allocation == alloc)].groupby("keep").acc
             if len(r.size()):
-                ax.fill_between(r.min().index, r.min(), r.max(), alpha=0.15, color="gray", label=f"random ({alloc})")
-            for c in [*SCORE_CRITERIA, "naee"]:
+                color = "gray" if alloc == "uniform" else "tan"
+                ax.fill_between(r.min().index, r.min(), r.max(), alpha=0.2, color=color, label=f"random ({alloc})")
+            for i, c in enumerate([*SCORE_CRITERIA, "naee"]):  # one colour per criterion, dashed: global
                 x = d[(d.criterion == c) & (d.allocation == alloc)].sort_values("keep")
                 if len(x):
-                    ax.plot(x.keep, x.acc, style, marker="o", ms=3, label=f"{c} ({alloc})")
+                    ax.plot(x.keep, x.acc, style, color=f"C{i}", marker="o", ms=3, label=f"{c} ({alloc})")
         if len(full):
             ax.axhline(float(full.acc.iloc[0]), color="black", lw=0.8, label="all experts")
         ax.set(title=f"{dom} ({int(d.n_questions.max()) if len(d) else 0} questions)", xlabel="experts kept per layer")
