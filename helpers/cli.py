@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--workers", type=int, help="worker processes / concurrent slurm jobs (default 2)")
     _opt(p, "--limit", type=int, help="questions per point (default 400)")
     _opt(p, "--seeds", type=int, help="random-baseline seeds (default 5)")
+    _opt(p, "--mode", help="scorer: an MMLU-Pro mode of helpers.eval (default cloze; cot, loglik)")
     _opt(p, "--work-dir", default=None, help="per-point results, skipped on a rerun (default: <run root>/sweeps/SIDE)")
     _opt(p, "--heal", action=argparse.BooleanOptionalAction, help="layers: heal angular and last_n at DROP_FRAC")
 

@@ -64,7 +64,7 @@ def sweep(side: str, preset: str = "toy", out: str | None = None, opts: dict | N
 
 def cli_sweep(args) -> int:
     t = time.perf_counter()
-    names = ("executor", "workers", "limit", "seeds", "out_dir", "work_dir", "heal")
+    names = ("executor", "workers", "limit", "seeds", "mode", "out_dir", "work_dir", "heal")
     opts = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     res = sweep(args.side, args.preset, args.out, opts)
     print(f"sweep {args.side}: {len(res['points'])} points in {time.perf_counter() - t:.0f} s")

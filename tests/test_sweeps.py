@@ -140,6 +140,12 @@ def test_fan_out_submitit_local_and_rerun_skips(tiny_mixtral, tiny_mmlu, tmp_pat
     rows = sweep_table.table(a, xsw.COORDS, ["math"], reference=xsw.reference, compare=xsw.compare_key)
     assert {"acc_low", "acc_high", "diff_ref", "diff_ref_low", "diff_cmp_high"} <= set(rows[0])
     assert all(r["acc_low"] <= r["acc"] <= r["acc_high"] for r in rows)
+    changed = [dict(points[1], keep_sets={str(l): [0, 1] for l in range(4)})]  # new scores: same key, new sets
+    assert sweep_table.pending(job["root"], changed, {k: job[k] for k in ("model", "mode", "limit")}) == changed
+    other = [{**c, "limit": 4} for c in chunks]  # other settings: everything is scored again
+    assert sorted(k for keys in fan_out(xsw.eval_chunk, other, executor="inline") for k in keys) == sorted(
+        p["key"] for p in points
+    )
 
 
 def test_fan_out_refuses_unknown_executor():

@@ -36,9 +36,24 @@ def point_path(root, key: str) -> Path:
     return Path(root) / "points" / f"{key}.json"
 
 
-def pending(root, points: Sequence[dict]) -> list[dict]:
-    """The points without a result file under `root` (what a rerun still has to do)."""
-    return [p for p in points if not point_path(root, p["key"]).exists()]
+def _variant(p: dict) -> dict:
+    return {k: p[k] for k in ("keep_sets", "drop") if k in p}
+
+
+def _stale(path: Path, p: dict, settings: dict | None) -> bool:
+    """A result file of another variant (new scores, new calibration) or other settings (mode, questions, model)."""
+    rec = read_json(path)
+    return rec.get("variant") != _variant(p) or rec.get("settings") != settings
+
+
+def pending(root, points: Sequence[dict], settings: dict | None = None) -> list[dict]:
+    """The points without an up-to-date result under `root` (what a rerun still has to do)."""
+    out = []
+    for p in points:
+        path = point_path(root, p["key"])
+        if not path.exists() or _stale(path, p, settings):
+            out.append(p)
+    return out
 
 
 def score_points(
@@ -53,15 +68,21 @@ def score_points(
     mode: str = "cloze",
     batch_size: int = 64,
     progress: bool = True,
+    settings: dict | None = None,
 ) -> list[str]:
-    """Score every pending point with `model` inside `variant(model, point)`; returns the keys written."""
+    """Score every pending point with `model` inside `variant(model, point)`; returns the keys written.
+
+    `settings` (mode, question count, model) are stored with each result: a rerun under other settings,
+    or a point whose keep sets / dropped layers changed, is scored again rather than skipped.
+    """
     done = []
-    for p in tqdm(pending(root, points), desc=f"sweep points ({Path(root).name})", disable=not progress):
+    for p in tqdm(pending(root, points, settings), desc=f"sweep points ({Path(root).name})", disable=not progress):
         with variant(model, p):
             tasks = mmlu_pro.evaluate(model, tok, questions, shots, mode=mode, batch_size=batch_size, progress=False)
         rec = {
             **{k: v for k, v in p.items() if k not in ("keep_sets", "drop")},
-            "variant": {k: p[k] for k in ("keep_sets", "drop") if k in p},
+            "variant": _variant(p),
+            "settings": settings,
             "question_ids": [q.question_id for q in questions],
             "categories": [q.category for q in questions],
             "correct": {t.task: [int(c) for c in t.correct] for t in tasks},

@@ -192,12 +192,13 @@ def eval_chunk(job: dict) -> list[str]:
 
     torch.set_num_threads(job.get("threads", 1))
     root = Path(job["root"])
-    todo = sweep_table.pending(root, job["points"])
+    settings = {k: job[k] for k in ("model", "mode", "limit")}
+    todo = sweep_table.pending(root, job["points"], settings)
     if not todo:
         return []
     model, tok = load_model(job["model"], job.get("dtype") or "float32", "cpu")
     questions, shots = mmlu_pro.load(job["data"], limit=job["limit"])
-    kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=job.get("progress", True))
+    kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=job.get("progress", True), settings=settings)
     return sweep_table.score_points(model, tok, questions, shots, todo, masked, root, **kw)
 
 
@@ -296,7 +297,7 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     del model
     job = dict(root=str(work), model=src["model"], data=src["data"], limit=o["limit"], mode=o["mode"])
     job.update(batch_size=o["batch_size"], threads=threads)
-    todo = sweep_table.pending(work, points)
+    todo = sweep_table.pending(work, points, {k: job[k] for k in ("model", "mode", "limit")})
     chunks = [{**job, "points": c} for c in chunked(todo, o["workers"])]
     with manifest.timer("points"):
         fan_out(

@@ -16,6 +16,7 @@ Usage: `python -m helpers sweep layers --preset toy`
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,12 +148,13 @@ def eval_chunk(job: dict) -> list[str]:
 
     torch.set_num_threads(job.get("threads", 1))
     root = Path(job["root"])
-    todo = sweep_table.pending(root, job["points"])
+    settings = {k: job[k] for k in ("model", "mode", "limit")}
+    todo = sweep_table.pending(root, job["points"], settings)
     if not todo:
         return []
     model, tok = load_model(job["model"], job.get("dtype") or "float32", "cpu")
     questions, shots = mmlu_pro.load(job["data"], limit=job["limit"])
-    kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=job.get("progress", True))
+    kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=job.get("progress", True), settings=settings)
     return sweep_table.score_points(model, tok, questions, shots, todo, skipped, root, **kw)
 
 
@@ -196,8 +198,11 @@ def heal_points(model_path, points: list[dict], heal: dict, work: Path, job: dic
     questions, shots = mmlu_pro.load(job["data"], limit=job["limit"])
     done = []
     for pt in points:
-        hp = {**pt, "key": pt["key"] + "_healed", "healed": True}
-        if not sweep_table.pending(work, [hp]):
+        hp = {**pt, "key": pt["key"] + "_healed", "healed": True, "drop": []}  # the healed model is cut already
+        recipe = {k: heal[k] for k in ("data", "n", "seed", "preset", "overrides")}
+        hset = {k: job[k] for k in ("model", "mode", "limit")} | {"cut": pt["drop"], "healed_with": recipe}
+        hset = json.loads(json.dumps(hset, default=str))  # as stored
+        if not sweep_table.pending(work, [hp], hset):
             continue
         d = work / "healed" / pt["key"]
         model, tok = load_model(model_path, "float32", "cpu")
@@ -208,9 +213,8 @@ def heal_points(model_path, points: list[dict], heal: dict, work: Path, job: dic
         r = train_lora(d / "A", rows, d / "adapter", **kw)
         merged = merge_adapter(d / "A", r.adapter_dir, d / "healed", overwrite=True)
         model, tok = load_model(merged, "float32", "cpu")
-        kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=False)
-        hp_eval = {**hp, "drop": []}  # the healed checkpoint has the layers removed already
-        done += sweep_table.score_points(model, tok, questions, shots, [hp_eval], skipped, work, **kw)
+        kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=False, settings=hset)
+        done += sweep_table.score_points(model, tok, questions, shots, [hp], skipped, work, **kw)
     return done
 
 
@@ -243,7 +247,7 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     del model
     job = dict(root=str(work), model=model_path, data=str(world / "mmlu_pro"), limit=o["limit"], mode=o["mode"])
     job.update(batch_size=o["batch_size"], threads=threads)
-    todo = sweep_table.pending(work, points)
+    todo = sweep_table.pending(work, points, {k: job[k] for k in ("model", "mode", "limit")})
     chunks = [{**job, "points": c} for c in chunked(todo, o["workers"])]
     with manifest.timer("points"):
         fan_out(
