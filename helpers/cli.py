@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-shard-size", help="consolidated shard size, e.g. 10GB")
     _opt(p, "--overwrite", action="store_true")
 
+    p = cmd("sweep", "helpers.sweeps:cli_sweep", "accuracy vs experts kept / layers dropped, every criterion")
+    p.add_argument("side", choices=["experts", "layers"])
+    _opt(p, "--preset", default="toy", help="configs/<preset>.yaml: its step 03 / 04 parameters (default: toy)")
+    _opt(p, "--out", default=None, help="run root holding the steps' outputs (default: runs/<preset>)")
+    _opt(p, "--out-dir", default=None, help="CSVs and figures (default: eval_results/<preset>/sweeps)")
+    _opt(p, "--executor", choices=["local", "inline", "slurm", "submitit-local"], help="default: local processes")
+    _opt(p, "--workers", type=int, help="worker processes / concurrent slurm jobs (default 2)")
+    _opt(p, "--limit", type=int, help="questions per point (default 400)")
+    _opt(p, "--seeds", type=int, help="random-baseline seeds (default 5)")
+    _opt(p, "--mode", help="scorer: an MMLU-Pro mode of helpers.eval (default cloze; cot, loglik)")
+    _opt(p, "--work-dir", default=None, help="per-point results, skipped on a rerun (default: <run root>/sweeps/SIDE)")
+    _opt(p, "--heal", action=argparse.BooleanOptionalAction, help="layers: heal angular and last_n at DROP_FRAC")
+
+    p = cmd("sweep-findings", "helpers.sweeps:cli_findings", "findings.md over the sweeps of several toy-world seeds")
+    _opt(p, "--presets", default="toy,toy_seed1,toy_seed2", help="comma-separated presets (their sweeps CSVs)")
+    _opt(p, "--out-file", default=None, help="default: eval_results/<first preset>/sweeps/findings.md")
+
     p = cmd(
         "layer-drop",
         "helpers.layers.drop:cli_layer_drop",

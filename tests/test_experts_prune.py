@@ -258,6 +258,7 @@ def test_run_and_cli_write_the_same_prune(tmp_path, tiny_mixtral, scores_file):
     p = Params(
         notebook_defaults(xp.NOTEBOOK)
         | {"SCORES_MANIFEST": str(m02_path), "KEEP": 4, "RUN_DIR": str(run_dir), "HASH_CHECKPOINTS": False}
+        | {"SWEEP": False}  # the sweep (tests/test_sweeps.py) needs notebook 02's calibration, not faked here
     )
     r = xp.run(p)
     assert _cli("--model", tiny_mixtral, "--scores", scores_file, "--keep", 4, "--out", out) == 0  # layout: both

@@ -233,7 +233,7 @@ def test_cli_and_run_write_the_same_files(base, tmp_path, monkeypatch):
     """The command and notebook 04's Run cell are one function: same flags/parameters, same files."""
     _fake_calib(monkeypatch)
     flags = {"MODEL": str(base), "N_SAMPLES": 6, "SEQ_LEN": 32, "N_BUNDLES": 1}
-    p = Params(notebook_defaults(NOTEBOOK_04) | flags | {"RUN_DIR": str(tmp_path / "nb")})
+    p = Params(notebook_defaults(NOTEBOOK_04) | flags | {"RUN_DIR": str(tmp_path / "nb"), "SWEEP": False})  # as the CLI
     result = drop.run(p)
     assert (result.stage_a, result.bundles) == (tmp_path / "nb" / "A", tmp_path / "nb" / "bundles")  # notebook paths
     args = ["--model", str(base), "--n-samples", "6", "--seq-len", "32", "--n-bundles", "1"]

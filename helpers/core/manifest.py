@@ -94,10 +94,17 @@ def resolve(path) -> Path:
 
 
 def versions() -> dict[str, str]:
+    """Package versions, and (when torch is loaded) the CPU kernels it dispatches to and its thread count:
+    toy numbers differ between AVX2 and AVX512 machines, so a result says which it came from."""
     out = {"python": sys.version.split()[0]}
     for p in PACKAGES:
         with suppress(metadata.PackageNotFoundError):
             out[p] = metadata.version(p)
+    if "torch" in sys.modules:  # never imported here: the torch-free command-line paths stay torch-free
+        torch = sys.modules["torch"]
+        out["cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+        out["torch_threads"] = str(torch.get_num_threads())
+    out["cpu_count"] = str(os.cpu_count())
     return out
 
 

@@ -66,5 +66,7 @@ __all__, __getattr__ = lazy_names(
             "write_summary",
         ],
         "run": ["Plan", "free", "score_tasks", "speed_of", "evaluate_dir"],
+        "stats": ["wilson", "paired_bootstrap", "band"],
+        "sweep_table": ["score_points", "load_points", "table", "write_csv"],
     },
 )

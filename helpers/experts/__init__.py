@@ -39,6 +39,7 @@ __all__, __getattr__ = lazy_names(
             "rank_agreement",
             "finetune_sources",
         ],
+        "sweep": ["calib_stats", "uniform_keep", "global_keep", "plan_points", "masked", "finetuned_categories"],
         "view": [
             "moe_family",
             "expert_layout",

@@ -32,7 +32,8 @@ from helpers.core.steps import Params, notebook_defaults
 from helpers.core.txn import check_overlap, transaction
 from helpers.core.verify import compare
 from helpers.core.writer import copied, parse_size, write_checkpoint
-from helpers.experts.streamcheck import masked_router, streamed_logit_check
+from helpers.experts.masking import masked_router  # the reference a prune is checked against
+from helpers.experts.streamcheck import streamed_logit_check
 from helpers.experts.view import (
     ExpertView,
     check_expert_layout,
@@ -289,7 +290,8 @@ class ExpertPruneResult:
     record: dict  # apply_expert_prune's record: paths, bytes, params, shards, layout comparison
     sizes: object  # DataFrame: params, GB and shards before and after (size_table)
     check: dict  # logit check {max_abs_diff, n_tokens, n_texts}; {} without LOGIT_CHECK
-    figures: dict[str, Path]  # kept_experts, sizes -> RUN_DIR/figures/<name>.png
+    figures: dict[str, Path]  # kept_experts, sizes (and sweep with SWEEP) -> RUN_DIR/figures/<name>.png
+    sweep: object = None  # DataFrame: the sweep at KEEP (accuracy and 95% interval per criterion, domain); SWEEP
 
     @property
     def paths(self) -> dict[str, str]:
@@ -315,6 +317,13 @@ def run(p: Params) -> ExpertPruneResult:
 
     run_dir = Path(p.run_dir)
     manifest = Manifest(STEP, {k: v for k, v in p.items() if k != "ROOT"})
+    sweep = None
+    if p.sweep:  # every criterion's accuracy vs experts kept, before the surgery (helpers/experts/sweep.py)
+        from helpers.experts.sweep import at_keep, run_sweep
+
+        with manifest.timer("sweep"):
+            sw = run_sweep(p, {"limit": p.sweep_limit, "seeds": p.sweep_seeds}, out_dir=run_dir / "sweep")
+        sweep = at_keep(sw["rows"], p.keep)
     m02 = load_manifest(p.scores_manifest)
     scores_path = output_path(m02, "scores")
     model_dir = p.model or input_path(m02, "merged")
@@ -332,6 +341,8 @@ def run(p: Params) -> ExpertPruneResult:
     sizes = size_table(rec)
     figures = {"kept_experts": _save(kept, fig_dir / "kept_experts.png")}
     figures["sizes"] = _save(plots.size_bars(sizes), fig_dir / "sizes.png")
+    if p.sweep:
+        figures["sweep"] = sw["figure"]
     paths = rec["paths"]
     check = {}
     if p.logit_check:  # the standard layout when written; the consolidated one is load-checked below
@@ -356,7 +367,7 @@ def run(p: Params) -> ExpertPruneResult:
     for layout, path in paths.items():
         manifest.output(layout, path, hash=p.hash_checkpoints)
     manifest.save(run_dir)
-    return ExpertPruneResult(manifest, str(model_dir), scores_path, plan, plan_path, rec, sizes, check, figures)
+    return ExpertPruneResult(manifest, str(model_dir), scores_path, plan, plan_path, rec, sizes, check, figures, sweep)
 
 
 # ---- command line -----------------------------------------------------------------------------

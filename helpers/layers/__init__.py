@@ -8,6 +8,7 @@ from helpers.core.lazy import lazy_names
 __all__, __getattr__ = lazy_names(
     globals(),
     {
+        "layer_sweep": ["block_influence", "skipped"],
         "bundles": [
             "config_sha256",
             "embed_sha256",

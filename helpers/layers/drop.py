@@ -242,6 +242,7 @@ class LayerDropResult:
     saved: object  # DataFrame: directory, what it holds, MB
     figures: dict[str, Path]  # distance_heatmap, min_distance_by_n -> RUN_DIR/figures/<name>.png
     manifest_path: Path
+    sweep: object = None  # DataFrame: the sweep at the chosen n (accuracy, 95% interval, paired diff); SWEEP
 
     @property
     def summary(self) -> str:
@@ -321,6 +322,13 @@ def run(p: Params) -> LayerDropResult:
     check_params(config, p)
     check_outputs(save_dir, removed_dir, p.overwrite, local_dir(model_path), {**records, "figures": fig_dir})
 
+    sweep = None
+    if p.sweep:  # every method's accuracy vs layers dropped, before the surgery (helpers/layers/layer_sweep.py)
+        from helpers.layers.layer_sweep import at_n, run_sweep
+
+        with manifest.timer("sweep"):
+            sw = run_sweep(p, {"limit": p.sweep_limit, "seeds": p.sweep_seeds}, out_dir=run_dir / "sweep")
+        sweep = at_n(sw["rows"], block_size(config["num_hidden_layers"], p.drop_frac))
     owned = [fig_dir, *records.values()]  # the step's records: replaced with the outputs they describe
     with transaction([save_dir, removed_dir, fig_dir], records.values(), p.overwrite, replace=owned) as t:
         D, texts = None, []
@@ -361,11 +369,17 @@ def run(p: Params) -> LayerDropResult:
             bundles=plan["bundles"],
             n_calibration_texts=len(texts),
         )
+        if p.sweep:
+            manifest.output("sweep", run_dir / "sweep")
         manifest.save(run_dir, to=t[records["manifest.json"]])
     figures = {k: fig_dir / v.name for k, v in figures.items()}
+    if p.sweep:
+        figures["sweep"] = sw["figure"]
     stages, saved = _tables(save_dir, removed_dir)
     path = records["manifest.json"]
-    return LayerDropResult(manifest, plan, D, best, len(texts), save_dir, removed_dir, stages, saved, figures, path)
+    return LayerDropResult(
+        manifest, plan, D, best, len(texts), save_dir, removed_dir, stages, saved, figures, path, sweep
+    )
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -400,6 +414,7 @@ def cli_params(args) -> Params:
         values["WORLD_MANIFEST"] = str(Path(args.world).absolute() / "manifest.json")
     values["PRESET"] = None  # a command-line run belongs to no preset
     values["OVERWRITE"] = args.overwrite  # the command line replaces nothing unless told
+    values["SWEEP"] = False  # the sweep is `python -m helpers sweep layers`
     return Params(values)
 
 
