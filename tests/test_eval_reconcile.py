@@ -31,7 +31,8 @@ def reference_block(row: dict, answered: bool) -> str:
         text += "ABCDEFGHIJ"[i] + ". " + o + "\n"
     if not answered:
         return text + "Answer: Let's think step by step."
-    return text + row["cot_content"].replace("A: Let's think step by step.", "Answer: Let's think step by step.") + "\n\n"
+    shown = row["cot_content"].replace("A: Let's think step by step.", "Answer: Let's think step by step.")
+    return text + shown + "\n\n"
 
 
 def reference_prompt(row: dict, validation: list[dict], k: int, tok, max_model_length: int, max_new_tokens: int):
@@ -92,7 +93,8 @@ def test_cot_samples_record_shots_and_prompt_hash(fixture_set, tiny_mistral):
         want, k = reference_prompt(row, val, 5, tok, max_len, new)
         assert k < 5 and s["n_shots"] == k and s["prompt_sha256"] == hashlib.sha256(want.encode("utf-8")).hexdigest()
     ex = res[0].extra
-    assert (ex["max_model_length"], ex["max_new_tokens"], ex["stop"], ex["chat_template"]) == (128, 4, "Question:", False)
+    assert (ex["max_model_length"], ex["max_new_tokens"], ex["stop"]) == (128, 4, "Question:")
+    assert ex["chat_template"] is False and ex["decoding"] == "greedy"
     with pytest.raises(ValueError, match="max_position_embeddings"):
         mmlu_pro.score_cot(model, tok, qs, shots, max_model_length=10**6, progress=False)
 
