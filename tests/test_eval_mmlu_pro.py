@@ -167,3 +167,18 @@ def test_portable_paths(tmp_path, monkeypatch):
         root / "runs" / "m", "v", parent_manifest=root / "runs" / "manifest.json", data=str(root / "runs" / "d")
     )
     assert (cfg["model"], cfg["parent_manifest"], cfg["data"]) == ("runs/m", "runs/manifest.json", "runs/d")
+
+
+@pytest.mark.parametrize(
+    "reply, want",
+    [
+        (" 41 plus 2 is 41 + 2 = 43. The answer is (A).", "C"),  # the text the reasoning ends in, not the letter
+        (" Comparing 43, 41, the largest is 43.", "C"),  # no letter at all: still read
+        (" Apple is a kind of fruit. The answer is (B).", "D"),  # any case, whole words
+        (" 4 plus 1 is 5, not 413. The answer is (C). 41 43", None),  # "41" inside "413" does not count
+        ("", None),
+    ],
+)
+def test_cot_text_diagnostic(reply, want):
+    q = Question(0, "q", ("41", "42", "43", "apple"), "C", 2, "c")
+    assert mmlu_pro.answer_text_pred(q, reply) == want

@@ -260,14 +260,14 @@ def sha256_text(text: str) -> str:
 def answer_text_pred(q: Question, reply: str) -> str | None:
     """TOY DIAGNOSTIC, not the official metric: the letter of the option whose text the reasoning ends in.
 
-    The reasoning is the reply before its first "answer is"; the option whose text (as a whole token run)
+    The reasoning is the reply before its first "answer is"; the option whose text (whole words, any case)
     ends last in it wins, the longest on ties; None when no option text occurs.
     """
     m = _P1.search(reply)
     head = reply[: m.start()] if m else reply
     best, key = None, (-1, -1)
     for i, opt in enumerate(q.options):
-        hits = list(re.finditer(rf"(?<!\w){re.escape(opt)}(?!\w)", head))
+        hits = list(re.finditer(rf"(?<!\w){re.escape(opt)}(?!\w)", head, re.IGNORECASE))
         if hits and (hits[-1].end(), len(opt)) > key:
             best, key = q.letters[i], (hits[-1].end(), len(opt))
     return best

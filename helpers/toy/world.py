@@ -12,10 +12,13 @@ Layout under the world directory (manifest output names in quotes):
   manifest.json                 spec hash + seed (the cache key), per-category accuracy under each
                                 scoring (cloze, cloze_norm, loglik, cot), expert spread
 
-Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences (plus some in the
-chat format); tiny models do not learn to bind letters, so the headline score is cloze: the option
-whose " <text>" is most likely after "Question: {question}\nAnswer:" (helpers.eval.mmlu_pro scores
-all four; loglik and CoT stay near chance / unparsed on these models, by design of the comparison).
+Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences, some in the chat
+format, and some as official MMLU-Pro CoT documents (header, 1-3 worked examples in the official prompt
+layout, reasoning ending in the answer text, "The answer is (X).", the next "Question:"), so a CoT
+reply parses and its reasoning can be checked (`mmlu_pro_cot_text`, a toy diagnostic, not the official
+metric). Tiny models do not learn to bind letters, so the headline score is cloze: the option whose
+" <text>" is most likely after "Question: {question}\nAnswer:"; the letter scorings (loglik, CoT's
+official extraction) are reported as they come, near chance.
 The Mixtral is upcycled from a dense twin (experts start as noisy copies of one trained MLP) and
 trained on with a load-balancing loss, so experts differ by what they were routed. The cache key
 is the spec hash plus the seed: bump SPEC_VERSION when a generator or the training changes.
