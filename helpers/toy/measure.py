@@ -152,6 +152,8 @@ def summary(out) -> str:
                 + " / ".join(str(by_model[k]["n_unparsed"]) for k in ("mistral", "mixtral"))
                 + ")"
             )
+    if "cot_text" in m["accuracy"]:
+        lines.append("cot_text: toy diagnostic (the option text the reasoning ends in), NOT the official metric")
     if man["params"].get("quick"):
         return "\n".join(lines + ["(--quick world: barely trained; the accuracy targets apply to the full build)"])
     for kind, t in m.get("targets", {}).items():
