@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: float32 on CPU, bfloat16 on CUDA",
     )
     _opt(p, "--batch-size", type=int, default=8)
-    _opt(p, "--max-new-tokens", type=int, default=256, help="CoT generation budget")
+    _opt(p, "--cot-shots", type=int, default=5, help="CoT shots before fitting (official: 5)")
+    _opt(p, "--max-model-length", type=int, default=4096, help="CoT context the shots must fit (official: 4096)")
+    _opt(p, "--max-new-tokens", type=int, default=2048, help="CoT generation budget (official: 2048)")
 
     p = cmd("copy", "helpers.core.writer:cli_copy", "re-write a checkpoint (mirror its shards, or pack to a size)")
     _opt(p, "--model", required=True)

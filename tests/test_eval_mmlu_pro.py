@@ -39,7 +39,7 @@ def test_unparsed_counts_as_wrong_never_guessed():
     qs = [Question(i, "q", ("a", "b"), "A", 0, "c") for i in range(4)]
     s = mmlu_pro.summarize(qs, ["A", None, None, "B"])
     assert (s["acc"], s["n"], s["n_unparsed"]) == (0.25, 4, 2)
-    assert s["per_category"]["c"] == {"acc": 0.25, "n": 4, "n_unparsed": 2}
+    assert s["per_category"]["c"] == {"acc": 0.25, "acc_random_fill": 0.5, "n": 4, "n_unparsed": 2}
     assert TaskResult("t", qs, ["A", None, None, "B"], [None] * 4).correct == [True, False, False, False]
 
 
@@ -58,7 +58,7 @@ def test_cot_prompt_is_the_official_format():
     q = _q(9, "math", "3+3?", ["6", "7"], 0)
     want = (
         "The following are multiple choice questions (with answers) about math. Think step by step and then "
-        'finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n'
+        'finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n\n\n'
         "Question:\n1+1?\nOptions:\nA. 2\nB. 3\nAnswer: Let's think step by step. 1+1=2. The answer is (A).\n\n"
         "Question:\n2+2?\nOptions:\nA. 3\nB. 4\nC. 5\nAnswer: Let's think step by step. It is 4. The answer is (B).\n\n"
         "Question:\n3+3?\nOptions:\nA. 6\nB. 7\nAnswer: Let's think step by step."
@@ -126,6 +126,9 @@ def test_results_merge_tasks_and_samples(tmp_path, tiny_mistral):
     rows = results.read_samples(out, "mmlu_pro_cot")
     assert [r["pred"] for r in rows] == ["A", None, "B", None]
     assert set(rows[0]) == {"question_id", "category", "answer", "pred", "output"}
+    rec = TaskResult("mmlu_pro_cot", [Question(0, "q", ("a", "b"), "A", 0, "c")], [None], ["x"], 1.0)
+    rec.records = [{"n_shots": 3, "prompt_sha256": "ab"}]
+    assert rec.samples()[0]["n_shots"] == 3 and rec.summary()["acc_random_fill"] == 0.5
     with pytest.raises(FileExistsError, match="holds results of model"):
         results.write_results(out, dict(cfg, model="other/model"), [])
     md = results.summary_markdown(out.parent, notes=["skipped x: no manifest"])
@@ -140,10 +143,11 @@ def test_cot_drops_shots_until_the_prompt_fits(tiny_mmlu):
     q = qs[0]
     n = lambda k: len(tok(mmlu_pro.cot_prompt(q, shots, k))["input_ids"])  # noqa: E731
     assert n(0) < n(1) < n(2) < n(3)
-    prompt, k = mmlu_pro.fit_shots(q, shots, 5, tok, budget=n(2) + 1)
+    prompt, k = mmlu_pro.fit_shots(q, shots, 5, tok, n(2) + 1 + 100, 100)  # < max_model_length - max_new_tokens
     assert k == 2 and prompt == mmlu_pro.cot_prompt(q, shots, 2)
-    assert mmlu_pro.fit_shots(q, shots, 5, tok, budget=None)[1] == 5
-    assert mmlu_pro.fit_shots(q, shots, 5, tok, budget=1)[1] == 0  # nothing fits: zero-shot, as the official loop ends
+    assert mmlu_pro.fit_shots(q, shots, 5, tok, n(2) + 100, 100)[1] == 1  # equal to the budget: one more dropped
+    assert mmlu_pro.fit_shots(q, shots, 5, tok, None)[1] == 5
+    assert mmlu_pro.fit_shots(q, shots, 5, tok, 1, 0)[1] == 0  # nothing fits: zero-shot
 
 
 def test_portable_paths(tmp_path, monkeypatch):
@@ -163,3 +167,18 @@ def test_portable_paths(tmp_path, monkeypatch):
         root / "runs" / "m", "v", parent_manifest=root / "runs" / "manifest.json", data=str(root / "runs" / "d")
     )
     assert (cfg["model"], cfg["parent_manifest"], cfg["data"]) == ("runs/m", "runs/manifest.json", "runs/d")
+
+
+@pytest.mark.parametrize(
+    "reply, want",
+    [
+        (" 41 plus 2 is 41 + 2 = 43. The answer is (A).", "C"),  # the text the reasoning ends in, not the letter
+        (" Comparing 43, 41, the largest is 43.", "C"),  # no letter at all: still read
+        (" Apple is a kind of fruit. The answer is (B).", "D"),  # any case, whole words
+        (" 4 plus 1 is 5, not 413. The answer is (C). 41 43", None),  # "41" inside "413" does not count
+        ("", None),
+    ],
+)
+def test_cot_text_diagnostic(reply, want):
+    q = Question(0, "q", ("41", "42", "43", "apple"), "C", 2, "c")
+    assert mmlu_pro.answer_text_pred(q, reply) == want

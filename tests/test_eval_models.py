@@ -114,7 +114,7 @@ def test_cot_generation_equals_lighteval(mistral, questions, tiny_mistral, tmp_p
     model, tok = mistral
     qs, shots = questions
     qs = qs[:3]
-    ours = mmlu_pro.score_cot(model, tok, qs, shots, max_new_tokens=8, max_length=4096, progress=False)
+    (ours,) = mmlu_pro.score_cot(model, tok, qs, shots, max_new_tokens=8, max_model_length=None, progress=False)
     (theirs,) = lighteval_run.run_lighteval(
         model,
         qs,

@@ -128,6 +128,7 @@ def test_notebook_06_runs_on_fake_manifests(fake_runs, tmp_path):
         EVAL_ROOT=str(out),
         LIMIT=6,
         COT_LIMIT=2,
+        MAX_MODEL_LENGTH=128,  # the fake models' context
         MAX_NEW_TOKENS=4,
         BATCH_SIZE=8,
         LIGHTEVAL_LIMIT=3,
@@ -160,8 +161,14 @@ def test_notebook_06_runs_on_fake_manifests(fake_runs, tmp_path):
         "mmlu_pro_cloze_norm",
         "mmlu_pro_loglik",
         "mmlu_pro_cot",
+        "mmlu_pro_cot_text",
         "lighteval_loglik",
     }
+    cot = docs["mistral_base"]["results"]["mmlu_pro_cot"]
+    assert (cot["max_model_length"], cot["max_new_tokens"], cot["n"]) == (128, 4, 2) and "acc_random_fill" in cot
+    assert all(
+        {"n_shots", "prompt_sha256"} <= set(r) for r in results.read_samples(out / "mistral_base", "mmlu_pro_cot")
+    )
     # the two layouts of one pruned model: every option score equal
     for task in ("mmlu_pro_cloze", "mmlu_pro_loglik", "mmlu_pro_cot"):
         a = results.read_samples(out / "mixtral_pruned_standard", task)
@@ -171,6 +178,7 @@ def test_notebook_06_runs_on_fake_manifests(fake_runs, tmp_path):
     assert ag["questions"] == 3 and ag["same_prediction"] == 3
     summary = (out / "summary.md").read_text()
     assert "skipped mistral_routed" in summary and "| mistral_stage_ab |" in summary
+    assert "acc_random_fill" in summary and "NOT the official metric" in summary
     assert {p.name for p in (out / "figures").iterdir()} == {f"{f}.png" for f in suite.FIGURES}
     m = json.loads((tmp_path / "06" / "manifest.json").read_text())
     assert m["metrics"]["accuracy"]["mmlu_pro_cloze"].keys() == set(docs)

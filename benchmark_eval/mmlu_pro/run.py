@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cot-limit", type=int, default=None, help="questions for cot")
     ap.add_argument("--cot-shots", type=int, default=5)
     ap.add_argument("--loglik-shots", type=int, default=0)
+    ap.add_argument("--max-model-length", type=int, default=4096, help="CoT context (official: 4096)")
     ap.add_argument("--max-new-tokens", type=int, default=2048, help="official: 2048")
+    ap.add_argument("--cot-text", action="store_true", help="also the toy diagnostic mmlu_pro_cot_text (not official)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 | 4bit (default: by device)")
     ap.add_argument("--variant", default=None)
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
         cot_shots=a.cot_shots,
         loglik_shots=a.loglik_shots,
         max_new_tokens=a.max_new_tokens,
+        max_model_length=a.max_model_length,
+        cot_text=a.cot_text,
         batch_size=a.batch_size,
     )
     print(evaluate_dir(a.model, a.out, plan, data=a.data, variant=a.variant, dtype=a.dtype))

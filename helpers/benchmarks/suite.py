@@ -63,6 +63,8 @@ def plan_of(p: Params) -> Plan:
         cot_limit=p.cot_limit,
         cot_shots=p.cot_shots,
         max_new_tokens=p.max_new_tokens,
+        max_model_length=p.max_model_length,
+        cot_text=p.cot_text,
         batch_size=p.batch_size,
         lighteval_modes=p.lighteval_modes,
         lighteval_limit=p.lighteval_limit,

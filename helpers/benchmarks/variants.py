@@ -178,7 +178,12 @@ def evaluate_routed(
         qs = mmlu_pro.take(questions, plan.cot_limit if mode == "cot" else plan.limit)
         prompt = _prompt(mode, shots, plan)
         kw = (
-            {"k": plan.cot_shots, "max_new_tokens": plan.max_new_tokens}
+            {
+                "k": plan.cot_shots,
+                "max_new_tokens": plan.max_new_tokens,
+                "max_model_length": plan.max_model_length,
+                "text_diagnostic": plan.cot_text,
+            }
             if mode == "cot"
             else ({"k": plan.loglik_shots} if mode == "loglik" else {})
         )

@@ -66,7 +66,7 @@ def task_configs(
     modes: Sequence[str],
     loglik_shots: int = 0,
     cot_shots: int = 5,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 2048,
 ) -> list:
     """LightevalTaskConfigs reading `data_dir` (hub layout) with prompt functions equal to ours."""
     from lighteval.metrics.metrics import Metrics
@@ -175,7 +175,7 @@ def run_lighteval(
     max_length: int | None = None,
     loglik_shots: int = 0,
     cot_shots: int = 5,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = 2048,
     device: str | None = None,
     dtype: str = "float32",
     name: str | None = None,

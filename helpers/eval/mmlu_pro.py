@@ -1,9 +1,13 @@
 """MMLU-Pro: the official prompts, answer extraction, and the three scorings (data: `mmlu_data`, offered here too).
 
 Modes (each a task name in results.json):
-- `cot` (mmlu_pro_cot): the official 5-shot chain-of-thought prompt (first k validation rows of
-  the question's category), greedy until "Question:", the official 3-pattern extraction; a reply
-  with no letter counts as wrong and is counted in `n_unparsed` (the official script guesses).
+- `cot` (mmlu_pro_cot): the official 5-shot chain-of-thought prompt of TIGER-AI-Lab/MMLU-Pro
+  evaluate_from_local.py, byte for byte (header, first k validation rows of the question's category,
+  shots dropped while the prompt has >= max_model_length - max_new_tokens tokens; official defaults
+  k 5, 4096, 2048), greedy until "Question:", the official 3-pattern extraction. Scores side by side:
+  `acc` (an unparsed reply is wrong), `n_unparsed`, `acc_random_fill` (each unparsed question counted
+  1/len(options): the expectation of the official script's seeded random guess). Optional toy
+  diagnostic `mmlu_pro_cot_text` (NOT the official metric): the answer text the reasoning ends in.
 - `loglik` (mmlu_pro_loglik): leaderboard style, log-likelihood of " A", " B", ... after
   `{question}\\nA. ..\\nAnswer:`; cheap, but tiny models cannot bind answers to letters.
 - `cloze` (mmlu_pro_cloze, mmlu_pro_cloze_norm): log-likelihood of each option's TEXT after
@@ -14,6 +18,7 @@ Usage: `qs, shots = load("runs/toy/world/mmlu_pro", limit=200); res = evaluate(m
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import Counter, defaultdict
@@ -34,12 +39,17 @@ from helpers.eval.mmlu_data import write_dataset as write_dataset
 
 MODES = ("cot", "loglik", "cloze")
 
-# The official CoT header (classic initial_prompt.txt), then a blank line.
-COT_HEADER = (
-    "The following are multiple choice questions (with answers) about {subject}. Think step by step and "
-    'then finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n'
+# cot_prompt_lib/initial_prompt.txt as the official script reads it since 2024-05-23 (three newlines at the
+# end); the script replaces "{$}" by the category and appends one more newline: the header ends in four.
+COT_INITIAL_PROMPT = (
+    "The following are multiple choice questions (with answers) about {$}. Think step by step and then "
+    'finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n\n'
 )
 COT_STOP = "Question:"
+# the official script's constants: shots, context and generation budget (a preset may lower them; results record them)
+COT_SHOTS, MAX_MODEL_LENGTH, MAX_NEW_TOKENS = 5, 4096, 2048
+# N/A convention of the letter scorings: lm-eval's leaderboard_mmlu_pro keeps the "N/A" padding options
+NA_CONVENTION = "N/A padding options dropped (as the official script; lm-eval leaderboard_mmlu_pro keeps them)"
 # Cloze: the question as a context, each option's text as the continuation.
 CLOZE_CONTEXT = "Question: {question}\nAnswer:"
 
@@ -57,10 +67,14 @@ def cot_example(q: Question, with_answer: bool) -> str:
     return s + "Answer: Let's think step by step."
 
 
-def cot_prompt(q: Question, shots: dict[str, list[Question]], k: int = 5) -> str:
+def cot_header(category: str) -> str:
+    return COT_INITIAL_PROMPT.replace("{$}", category) + "\n"
+
+
+def cot_prompt(q: Question, shots: dict[str, list[Question]], k: int = COT_SHOTS) -> str:
     """The official k-shot CoT prompt: header, the first k validation rows of the category, the question."""
-    head = COT_HEADER.format(subject=q.category)
-    return head + "".join(cot_example(s, True) for s in shots.get(q.category, [])[:k]) + cot_example(q, False)
+    head = cot_header(q.category)
+    return head + "".join(cot_example(s, True) for s in shots.get(q.category, [])[: max(k, 0)]) + cot_example(q, False)
 
 
 def loglik_prompt(q: Question, shots: dict[str, list[Question]] | None = None, k: int = 0) -> str:
@@ -110,6 +124,7 @@ class TaskResult:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     stages: list[str] | None = None  # routed variants: the stage each question went to
+    records: list[dict] | None = None  # per question, added to its sample row (cot: n_shots, prompt_sha256)
 
     def summary(self) -> dict:
         return (
@@ -133,27 +148,31 @@ class TaskResult:
         ]
         for r, s in zip(rows, self.stages or []):
             r["stage"] = s
+        for r, x in zip(rows, self.records or []):
+            r.update(x)
         return rows
 
 
 def summarize(questions: Sequence[Question], preds: Sequence[str | None]) -> dict:
-    """{acc (micro), n, n_unparsed, per_category: {cat: {acc, n, n_unparsed}}}; unparsed count as wrong."""
+    """{acc, acc_random_fill, n, n_unparsed, per_category: {cat: same}}, micro averages.
+
+    `acc` counts an unparsed reply (pred None) wrong; `acc_random_fill` counts it 1/len(options): the
+    expectation of the official script's random guess, deterministic (no seed to match).
+    """
     per: dict[str, Counter] = defaultdict(Counter)
     for q, p in zip(questions, preds):
         c = per[q.category]
         c["n"] += 1
         c["correct"] += int(p == q.answer)
         c["n_unparsed"] += int(p is None)
-    n = sum(c["n"] for c in per.values())
-    return {
-        "acc": sum(c["correct"] for c in per.values()) / n if n else float("nan"),
-        "n": n,
-        "n_unparsed": sum(c["n_unparsed"] for c in per.values()),
-        "per_category": {
-            k: {"acc": c["correct"] / c["n"], "n": c["n"], "n_unparsed": c["n_unparsed"]}
-            for k, c in sorted(per.items())
-        },
+        c["fill"] += 1 / len(q.options) if p is None else 0.0
+    block = lambda c: {  # noqa: E731
+        "acc": c["correct"] / c["n"] if c["n"] else float("nan"),
+        "acc_random_fill": (c["correct"] + c["fill"]) / c["n"] if c["n"] else float("nan"),
+        "n": c["n"],
+        "n_unparsed": c["n_unparsed"],
     }
+    return block(sum(per.values(), Counter())) | {"per_category": {k: block(c) for k, c in sorted(per.items())}}
 
 
 def _argmax(xs: Sequence[float]) -> int:
@@ -175,7 +194,7 @@ def score_loglik(
         preds,
         [[round(x, 5) for x in lp] for lp in lps],
         time.perf_counter() - t,
-        {"mode": "loglik", "n_shots": k},
+        {"mode": "loglik", "n_shots": k, "options": NA_CONVENTION},
     )
 
 
@@ -216,16 +235,43 @@ def cloze_correct(
     return np.array((norm if normalised else raw).correct, dtype=bool)
 
 
-def fit_shots(q: Question, shots, k: int, tok, budget: int | None) -> tuple[str, int]:
-    """The CoT prompt with as many of k shots as fit `budget` tokens (the official script's rule).
-
-    The count returned is the shots really in the prompt (fewer when the category has fewer rows)."""
-    k = min(k, len(shots.get(q.category, [])))
+def fit_shots(
+    q: Question,
+    shots,
+    k: int,
+    tok,
+    max_model_length: int | None = MAX_MODEL_LENGTH,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> tuple[str, int]:
+    """(prompt, shots used): the official rule, k drops by one while the prompt (BOS included) has
+    >= max_model_length - max_new_tokens tokens; None: no limit. Stops at 0 shots (the official loop
+    would go on to k = -1, i.e. all shots but the last: a prompt that cannot fit either way)."""
+    k = min(k, len(shots.get(q.category, [])))  # a category with fewer rows: the shots really there
     while True:
         prompt = cot_prompt(q, shots, k)
-        if budget is None or k <= 0 or len(tok(prompt)["input_ids"]) < budget:
+        if max_model_length is None or k <= 0 or len(tok(prompt)["input_ids"]) < max_model_length - max_new_tokens:
             return prompt, max(k, 0)
         k -= 1
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def answer_text_pred(q: Question, reply: str) -> str | None:
+    """TOY DIAGNOSTIC, not the official metric: the letter of the option whose text the reasoning ends in.
+
+    The reasoning is the reply before its first "answer is"; the option whose text (whole words, any case)
+    ends last in it wins, the longest on ties; None when no option text occurs.
+    """
+    m = _P1.search(reply)
+    head = reply[: m.start()] if m else reply
+    best, key = None, (-1, -1)
+    for i, opt in enumerate(q.options):
+        hits = list(re.finditer(rf"(?<!\w){re.escape(opt)}(?!\w)", head, re.IGNORECASE))
+        if hits and (hits[-1].end(), len(opt)) > key:
+            best, key = q.letters[i], (hits[-1].end(), len(opt))
+    return best
 
 
 def score_cot(
@@ -233,18 +279,21 @@ def score_cot(
     tok,
     questions: Sequence[Question],
     shots,
-    k: int = 5,
-    max_new_tokens: int = 256,
+    k: int = COT_SHOTS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 4,
-    max_length: int | None = None,
+    max_model_length: int | None = MAX_MODEL_LENGTH,
     progress: bool = True,
-) -> TaskResult:
+    text_diagnostic: bool = False,
+) -> list[TaskResult]:
+    """mmlu_pro_cot (official prompt and extraction), plus the toy diagnostic mmlu_pro_cot_text when asked."""
     from helpers.eval.engine import generate, model_max_length
 
+    own = model_max_length(model)
+    if max_model_length is not None and own is not None and max_model_length > own:
+        raise ValueError(f"max_model_length {max_model_length} > the model's max_position_embeddings {own}: lower it")
     t = time.perf_counter()
-    max_length = max_length or model_max_length(model)
-    budget = None if max_length is None else max_length - max_new_tokens
-    fitted = [fit_shots(q, shots, k, tok, budget) for q in questions]
+    fitted = [fit_shots(q, shots, k, tok, max_model_length, max_new_tokens) for q in questions]
     texts = generate(
         model,
         tok,
@@ -254,16 +303,25 @@ def score_cot(
         batch_size=batch_size,
         progress=progress,
     )
-    preds = [extract_answer(x) for x in texts]
-    shots_used = Counter(k_used for _, k_used in fitted)
-    return TaskResult(
-        "mmlu_pro_cot",
-        list(questions),
-        preds,
-        texts,
-        time.perf_counter() - t,
-        {"mode": "cot", "n_shots": k, "shots_used": dict(sorted(shots_used.items())), "max_new_tokens": max_new_tokens},
-    )
+    dt = time.perf_counter() - t
+    records = [{"n_shots": n, "prompt_sha256": sha256_text(p)} for p, n in fitted]
+    extra = {
+        "mode": "cot",
+        "n_shots": k,
+        "shots_used": dict(sorted(Counter(n for _, n in fitted).items())),
+        "max_model_length": max_model_length,
+        "max_new_tokens": max_new_tokens,
+        "stop": COT_STOP,
+        "decoding": "greedy",
+        "chat_template": False,
+    }
+    qs = list(questions)
+    out = [TaskResult("mmlu_pro_cot", qs, [extract_answer(x) for x in texts], texts, dt, extra, records=records)]
+    if text_diagnostic:
+        note = "toy diagnostic, NOT the official metric: the option text the reasoning ends in"
+        preds = [answer_text_pred(q, x) for q, x in zip(qs, texts)]
+        out.append(TaskResult("mmlu_pro_cot_text", qs, preds, texts, dt, extra | {"metric": note}, records=records))
+    return out
 
 
 def evaluate(model, tok, questions: Sequence[Question], shots=None, mode: str = "cloze", **kw) -> list[TaskResult]:
@@ -273,7 +331,7 @@ def evaluate(model, tok, questions: Sequence[Question], shots=None, mode: str = 
     if mode == "cloze":
         return score_cloze(model, tok, questions, **kw)
     if mode == "cot":
-        return [score_cot(model, tok, questions, shots or {}, **kw)]
+        return score_cot(model, tok, questions, shots or {}, **kw)
     raise ValueError(f"--mode {mode!r}: expected one of {MODES}")
 
 
@@ -299,15 +357,17 @@ def route_and_score(
     if unknown:
         raise KeyError(f"router chose stages {unknown}; models exist for {sorted(stage_models)}")
     merged: dict[str, dict] = {}
+    n = len(questions)
     for stage in sorted(set(stages)):
         idx = [i for i, s in enumerate(stages) if s == stage]
         for r in evaluate(stage_models[stage], tok, [questions[i] for i in idx], shots, mode=mode, **kw):
             m = merged.setdefault(
                 r.task,
-                {"preds": [None] * len(questions), "outs": [None] * len(questions), "seconds": 0.0, "extra": r.extra},
+                {"preds": [None] * n, "outs": [None] * n, "recs": [{}] * n, "seconds": 0.0, "extra": r.extra},
             )
             for j, i in enumerate(idx):
                 m["preds"][i], m["outs"][i] = r.preds[j], r.outputs[j]
+                m["recs"][i] = (r.records or [{}] * len(idx))[j]
             m["seconds"] += r.seconds
     mix = dict(sorted(Counter(stages).items()))
     per_cat: dict[str, Counter] = defaultdict(Counter)
@@ -317,7 +377,10 @@ def route_and_score(
         "stage_mix": mix,
         "stage_mix_per_category": {c: dict(sorted(v.items())) for c, v in sorted(per_cat.items())},
     }
+    for m in merged.values():
+        if "shots_used" in m["extra"]:  # over every stage's questions, not the first stage's
+            m["extra"] = m["extra"] | {"shots_used": dict(sorted(Counter(r["n_shots"] for r in m["recs"]).items()))}
     return [
-        TaskResult(task, list(questions), m["preds"], m["outs"], m["seconds"], m["extra"] | extra, stages)
+        TaskResult(task, list(questions), m["preds"], m["outs"], m["seconds"], m["extra"] | extra, stages, m["recs"])
         for task, m in merged.items()
     ]

@@ -2,10 +2,12 @@
 
 `eval_results/<preset>/<variant>/results.json`:
     {"config":  {model, variant, parent_manifest, dtype, params, bytes_on_disk, versions, git_sha, date, ...},
-     "results": {task: {acc, n, n_unparsed, per_category: {cat: {acc, n, n_unparsed}}, seconds, ...}},
+     "results": {task: {acc, acc_random_fill, n, n_unparsed, per_category: {cat: {same}}, seconds, ...}},
      "speed":   {prefill_tok_s, decode_tok_s, peak_memory_bytes, memory_kind, device, ...}}
-`samples/<task>.jsonl` beside it: one row per question {question_id, category, answer, pred, output}.
-Tasks: mmlu_pro_cot, mmlu_pro_loglik, mmlu_pro_cloze, mmlu_pro_cloze_norm, lighteval_loglik, lighteval_cot.
+`samples/<task>.jsonl` beside it: one row per question {question_id, category, answer, pred, output}, CoT rows
+also {n_shots, prompt_sha256} (sha256 of the UTF-8 prompt: check it against the official one without storing it).
+Tasks: mmlu_pro_cot, mmlu_pro_cot_text (toy diagnostic, not official), mmlu_pro_loglik, mmlu_pro_cloze,
+mmlu_pro_cloze_norm, lighteval_loglik, lighteval_cot.
 Paths in the config block (model, parent_manifest, data, thresholds, bundles) are `portable`: relative
 to the repo root when they lie under it, else as given (a hub id stays a hub id), so committed results
 never carry a machine's absolute path; paths to sample files are relative to the results dir.
@@ -142,6 +144,7 @@ def tables(root):
                     "acc": r["acc"],
                     "n": r["n"],
                     "n_unparsed": r.get("n_unparsed", 0),
+                    "acc_random_fill": r.get("acc_random_fill", r["acc"]),
                     "stage_mix": r.get("stage_mix"),
                 }
             )
@@ -244,9 +247,20 @@ def summary_markdown(
             markdown_table(table.reset_index()),
             "",
         ]
+        side = acc[acc["task"].str.contains("cot")][["variant", "task", "n", "acc", "n_unparsed", "acc_random_fill"]]
+        if not side.empty:
+            lines += [
+                "Generated scorings side by side: `acc` counts an unparsed reply wrong; `acc_random_fill` counts it",
+                "1/len(options), the expectation of the official script's random guess. `mmlu_pro_cot_text` is a toy",
+                "diagnostic (the option text the reasoning ends in), NOT the official metric. Letter log-likelihood",
+                "drops the N/A padding options as the official script does (lm-eval's leaderboard keeps them).",
+                "",
+                markdown_table(side.round(4)),
+                "",
+            ]
         unparsed = acc[acc["n_unparsed"] > 0]
         if not unparsed.empty:
-            lines += ["Unparsed CoT replies (counted wrong, never guessed):", ""]
+            lines += ["Unparsed CoT replies (counted wrong in acc; 1/len(options) in acc_random_fill):", ""]
             lines += [f"- {r.variant} / {r.task}: {r.n_unparsed} of {r.n}" for r in unparsed.itertuples()]
             lines.append("")
         measured = speed.dropna(subset=["note"]) if "note" in speed else speed.iloc[:0]

@@ -24,9 +24,11 @@ class Plan:
     modes: Sequence[str] = ("cloze",)  # of mmlu_pro.MODES, scored by our engine
     limit: int | None = None  # questions for cloze / loglik
     cot_limit: int | None = None  # questions for cot (generation is the expensive mode)
-    cot_shots: int = 5
+    cot_shots: int = mmlu_pro.COT_SHOTS  # the official defaults: 5 shots, 4096-token context, 2048 new tokens
     loglik_shots: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = mmlu_pro.MAX_NEW_TOKENS
+    max_model_length: int | None = mmlu_pro.MAX_MODEL_LENGTH
+    cot_text: bool = False  # also the toy diagnostic mmlu_pro_cot_text (not the official metric)
     batch_size: int = 8
     lighteval_modes: Sequence[str] = ()  # "loglik", "cot"
     lighteval_limit: int | None = None
@@ -68,6 +70,8 @@ def score_tasks(
                 mode="cot",
                 k=plan.cot_shots,
                 max_new_tokens=plan.max_new_tokens,
+                max_model_length=plan.max_model_length,
+                text_diagnostic=plan.cot_text,
                 batch_size=plan.batch_size,
                 progress=progress,
             )
@@ -165,7 +169,12 @@ def cli_evaluate(args) -> int:
         )
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit {args.limit}: must be a positive number of questions")
-    common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    common = dict(
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_model_length=args.max_model_length,
+        cot_shots=args.cot_shots,
+    )
     if args.bench == "lighteval":
         plan = Plan(modes=(), lighteval_modes=(args.mode,), lighteval_limit=args.limit, **common)
     else:
@@ -173,6 +182,8 @@ def cli_evaluate(args) -> int:
     path = evaluate_dir(args.model, args.out, plan, data=args.data, variant=args.variant, dtype=args.dtype)
     doc = results.read_json(path)
     for task, r in doc["results"].items():
-        print(f"{task:22s} acc {r['acc']:.4f}  n {r['n']}  unparsed {r.get('n_unparsed', 0)}")
+        fill = r.get("acc_random_fill", r["acc"])
+        unparsed = r.get("n_unparsed", 0)
+        print(f"{task:22s} acc {r['acc']:.4f}  acc_random_fill {fill:.4f}  n {r['n']}  unparsed {unparsed}")
     print(f"wrote {path}")
     return 0

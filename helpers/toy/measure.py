@@ -23,7 +23,8 @@ SCORINGS = {
     "cloze_norm": "the cloze log-likelihood divided by the option's length in characters",
     "loglik": "log-likelihood of ' A', ' B', ... after the question and its lettered options, 0-shot",
     "cot": "the official chain-of-thought prompt with as many of k shots as fit the context (shots_used), greedy, "
-    "answer extracted; unparsed replies count as wrong",
+    "letter extracted as the official script does; unparsed replies count as wrong (acc_random_fill beside)",
+    "cot_text": "TOY DIAGNOSTIC, not the official metric: the option whose text the CoT reasoning ends in",
 }
 
 
@@ -33,6 +34,7 @@ def accuracy_block(result: mmlu_pro.TaskResult) -> dict:
     per = s["per_category"]
     return {
         "overall": round(s["acc"], 4),
+        "acc_random_fill": round(s["acc_random_fill"], 4),
         "per_category": {c: round(v["acc"], 4) for c, v in per.items()},
         "n": s["n"],
         "n_per_category": {c: v["n"] for c, v in per.items()},
@@ -59,12 +61,18 @@ def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: di
         mode="cot",
         k=cot["shots"],
         max_new_tokens=cot["max_new_tokens"],
+        max_model_length=cot["max_model_length"],
         batch_size=cot["batch"],
+        text_diagnostic=True,
     )
     out = {r.task.removeprefix("mmlu_pro_"): accuracy_block(r) for r in res}
-    out["cot"].update(
-        n_shots=cot["shots"], shots_used=res[-1].extra["shots_used"], max_new_tokens=cot["max_new_tokens"]
-    )
+    for key in ("cot", "cot_text"):
+        out[key].update(
+            n_shots=cot["shots"],
+            shots_used=res[-1].extra["shots_used"],
+            max_model_length=cot["max_model_length"],
+            max_new_tokens=cot["max_new_tokens"],
+        )
     return out
 
 
@@ -144,6 +152,8 @@ def summary(out) -> str:
                 + " / ".join(str(by_model[k]["n_unparsed"]) for k in ("mistral", "mixtral"))
                 + ")"
             )
+    if "cot_text" in m["accuracy"]:
+        lines.append("cot_text: toy diagnostic (the option text the reasoning ends in), NOT the official metric")
     if man["params"].get("quick"):
         return "\n".join(lines + ["(--quick world: barely trained; the accuracy targets apply to the full build)"])
     for kind, t in m.get("targets", {}).items():
