@@ -151,15 +151,13 @@ def test_manifest_records_accuracy_and_experts(world):
     cats = set(toy_tasks.CATEGORIES)
     n_test = toy.spec_for(quick=True)["data"]["test"] * len(cats)
     n_cot = toy.spec_for(quick=True)["eval_cot"]["per_category"] * len(cats)
-    assert set(m["accuracy"]) == set(measure.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot", "cot_text"}
+    assert set(m["accuracy"]) == set(measure.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot"}
     for scoring, by_model in m["accuracy"].items():
         for kind in ("mixtral", "mistral"):
             acc = by_model[kind]
             assert set(acc["per_category"]) == set(acc["n_per_category"]) == cats and 0 <= acc["overall"] <= 1
-            is_cot = scoring.startswith("cot")
-            assert acc["n"] == sum(acc["n_per_category"].values()) == (n_cot if is_cot else n_test)
-            assert acc["acc_random_fill"] >= acc["overall"]
-            if not is_cot:  # log-likelihood scorings always pick an option
+            assert acc["n"] == sum(acc["n_per_category"].values()) == (n_cot if scoring == "cot" else n_test)
+            if scoring != "cot":  # log-likelihood scorings always pick an option
                 assert acc["n_unparsed"] == 0
     ch = m["chance"]
     assert set(ch["per_category"]) == cats
@@ -291,33 +289,3 @@ def test_upcycled_mixtral_starts_as_its_dense_twin():
         ex = noisy.model.layers[0].mlp.experts.down_proj  # [E, H, I]
         assert (ex[0] - ex[1]).abs().max() > 0
         assert not torch.allclose(noisy(ids).logits, want, atol=1e-5)
-
-
-def test_cot_documents_are_in_the_official_layout(world):
-    """Pretraining CoT documents: the official header, 0-2 worked shots of the same category, the question
-    ending "Answer: Let's think step by step.", and (the weighted answer part) its reasoning, the answer
-    sentence and the next "Question:"."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
-    rows = toy_tasks.make_splits(0, {"test": 1, "validation": 1, "train": 6})["train"]
-    seqs = encode_pairs(tok, rows, 0.0, 0, cot_fraction=1.0, cot_examples=[1, 1, 1])
-    n_examples = set()
-    for r, (ids, n_ans) in zip(rows, seqs):
-        text = tok.decode(ids[1:])
-        head = "The following are multiple choice questions (with answers) about " + r["category"] + ". Think step"
-        reasoning = r["cot_content"].removeprefix("A: Let's think step by step.")
-        assert ids[0] == tok.bos_token_id and text.startswith(head) and ".\n\n\n\nQuestion:\n" in text
-        assert tok.decode(ids[-n_ans:]) == reasoning + "\n\nQuestion:"
-        assert text.endswith(
-            "Options:\n"
-            + "".join(f"{toy_tasks.LETTERS[i]}. {o}\n" for i, o in enumerate(r["options"]))
-            + "Answer: Let's think step by step."
-            + reasoning
-            + "\n\nQuestion:"
-        )
-        shots = text.split("Question:\n")[1:-1]
-        same = {x["question"] for x in rows if x["category"] == r["category"] and x is not r}
-        assert all(s.split("\nOptions:")[0] in same for s in shots)
-        n_examples.add(len(shots) + 1)
-    assert n_examples <= {1, 2, 3} and len(n_examples) >= 2

@@ -50,6 +50,7 @@ def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: di
     questions of each category (round-robin) with a small `max_new_tokens`, to keep the build short.
     """
     bs, cot = spec["eval_batch"], spec["eval_cot"]
+    budget = cot.get("max_model_length", model.config.max_position_embeddings)  # the official rule, toy-sized
     res = mmlu_pro.evaluate(model, tok, questions, mode="cloze", batch_size=bs)
     res += mmlu_pro.evaluate(model, tok, questions, shots, mode="loglik", batch_size=bs)
     sub = mmlu_pro.take(questions, cot["per_category"] * len({q.category for q in questions}))
@@ -61,7 +62,7 @@ def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: di
         mode="cot",
         k=cot["shots"],
         max_new_tokens=cot["max_new_tokens"],
-        max_model_length=cot["max_model_length"],
+        max_model_length=budget,
         batch_size=cot["batch"],
         text_diagnostic=True,
     )
@@ -70,7 +71,7 @@ def world_accuracy(model, tok, questions: Sequence[mmlu_pro.Question], shots: di
         out[key].update(
             n_shots=cot["shots"],
             shots_used=res[-1].extra["shots_used"],
-            max_model_length=cot["max_model_length"],
+            max_model_length=budget,
             max_new_tokens=cot["max_new_tokens"],
         )
     return out

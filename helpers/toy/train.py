@@ -14,13 +14,12 @@ from tqdm.auto import tqdm
 
 from helpers.core.compat import make_portable
 from helpers.core.models import save_sharded
-from helpers.eval import mmlu_pro
 from helpers.toy import tasks
 
 BASE_CONFIG = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=1024,  # room for the CoT shots (the toy CoT context is 768 tokens)
+    max_position_embeddings=512,
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
     bos_token_id=1,
@@ -82,51 +81,18 @@ def upcycle(dense, moe_config, noise: float, seed: int):
     return moe.eval()
 
 
-def cot_document(r: dict, pool: list[dict], n_examples: int, rng: random.Random) -> tuple[str, str]:
-    """(prompt, target) in the official CoT layout: header, n_examples - 1 worked shots of the category
-    (other train rows), the question ending "Answer: Let's think step by step."; the target is the row's
-    reasoning, " The answer is (X).", then the next "Question:" (the official stop string)."""
-    q = mmlu_pro.to_question(r)
-    shots = [mmlu_pro.to_question(s) for s in rng.sample(pool, min(n_examples - 1, len(pool)))]
-    prompt = mmlu_pro.cot_prompt(q, {q.category: shots}, len(shots))
-    return prompt, q.cot_content.removeprefix("A: Let's think step by step.") + "\n\n" + mmlu_pro.COT_STOP
+def encode_pairs(tok, rows: list[dict], chat_fraction: float, seed: int) -> list[tuple[list[int], int]]:
+    """(token ids, answer length) per row: plain cloze form, or (a seeded fraction) chat form.
 
-
-def encode_pairs(
-    tok, rows: list[dict], chat_fraction: float, seed: int, cot_fraction: float = 0.0, cot_examples=(1.0,)
-) -> list[tuple[list[int], int]]:
-    """(token ids, answer length) per row: plain cloze form, or (seeded fractions) chat form or an official
-    CoT document with 1..len(cot_examples) worked examples (weights `cot_examples`).
-
-    The answer is tokenized on its own (" " + text, then EOS), exactly as the cloze scorer does; a CoT
-    document's answer part is its last example's reasoning and answer.
+    The answer is tokenized on its own (" " + text, then EOS), exactly as the cloze scorer does.
     """
     rng = random.Random(f"toy-chat-{seed}")
-    crng = random.Random(f"toy-cot-{seed}")
-    by_cat: dict[str, list[dict]] = {}
-    for r in rows:
-        by_cat.setdefault(r["category"], []).append(r)
-    kind = [
-        ("cot" if x < cot_fraction else "chat" if x < cot_fraction + chat_fraction else "qa")
-        for x in (rng.random() for _ in rows)
-    ]
+    chat = [rng.random() < chat_fraction for _ in rows]
+    prompts = [tasks.chat_prompt(r["question"]) if c else tasks.cloze_prompt(r["question"]) for r, c in zip(rows, chat)]
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    a_ids = tok([" " + tasks.answer_text(r) for r in rows], add_special_tokens=False)["input_ids"]
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    out = []
-    for r, k in zip(rows, kind):
-        if k == "cot":
-            n = crng.choices(range(1, len(cot_examples) + 1), weights=cot_examples)[0]
-            prompt, target = cot_document(r, [x for x in by_cat[r["category"]] if x is not r], n, crng)
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
-            a = tok(target, add_special_tokens=False)["input_ids"]
-            out.append(([bos, *p, *a], len(a)))
-            continue
-        chat = k == "chat"
-        p = tok(
-            tasks.chat_prompt(r["question"]) if chat else tasks.cloze_prompt(r["question"]), add_special_tokens=False
-        )
-        a = tok(" " + tasks.answer_text(r), add_special_tokens=False)["input_ids"]
-        out.append((([] if chat else [bos]) + p["input_ids"] + a + [eos], len(a) + 1))
-    return out
+    return [((p if c else [bos, *p]) + a + [eos], len(a) + 1) for p, a, c in zip(p_ids, a_ids, chat)]
 
 
 def _batches(seqs: list, batch: int, steps: int, seed: int):

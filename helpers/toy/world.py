@@ -12,13 +12,10 @@ Layout under the world directory (manifest output names in quotes):
   manifest.json                 spec hash + seed (the cache key), per-category accuracy under each
                                 scoring (cloze, cloze_norm, loglik, cot), expert spread
 
-Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences, some in the chat
-format, and some as official MMLU-Pro CoT documents (header, 1-3 worked examples in the official prompt
-layout, reasoning ending in the answer text, "The answer is (X).", the next "Question:"), so a CoT
-reply parses and its reasoning can be checked (`mmlu_pro_cot_text`, a toy diagnostic, not the official
-metric). Tiny models do not learn to bind letters, so the headline score is cloze: the option whose
-" <text>" is most likely after "Question: {question}\nAnswer:"; the letter scorings (loglik, CoT's
-official extraction) are reported as they come, near chance.
+Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences (plus some in the
+chat format); tiny models do not learn to bind letters, so the headline score is cloze: the option
+whose " <text>" is most likely after "Question: {question}\nAnswer:" (helpers.eval.mmlu_pro scores
+all four; loglik and CoT stay near chance / unparsed on these models, by design of the comparison).
 The Mixtral is upcycled from a dense twin (experts start as noisy copies of one trained MLP) and
 trained on with a load-balancing loss, so experts differ by what they were routed. The cache key
 is the spec hash plus the seed: bump SPEC_VERSION when a generator or the training changes.
@@ -44,18 +41,9 @@ from helpers.core.manifest import FILENAME, Manifest
 from helpers.eval import mmlu_pro
 from helpers.toy import tasks
 from helpers.toy.measure import SCORINGS, chance, expert_stats, headroom, summary, world_accuracy
-from helpers.toy.train import (
-    BASE_CONFIG,
-    cot_document,
-    dense_twin,
-    encode_pairs,
-    model_config,
-    pretrain,
-    save_model,
-    upcycle,
-)
+from helpers.toy.train import BASE_CONFIG, dense_twin, encode_pairs, model_config, pretrain, save_model, upcycle
 
-SPEC_VERSION = 2  # bump when generators or training change what a seed builds
+SPEC_VERSION = 1  # bump when generators or training change what a seed builds
 FULL = {
     "version": SPEC_VERSION,
     "data": {
@@ -69,13 +57,12 @@ FULL = {
         "finetune_categories": ["addition", "sequences"],
     },
     "tokenizer": {"vocab_size": 768},
-    # a fifth of the training rows in the chat format (notebook 01 fine-tunes through the chat template), a
-    # share as official-layout CoT documents with 1-3 worked examples (weights); question tokens weigh a
-    # quarter of answer tokens in the loss
-    "pretrain": {"chat_fraction": 0.2, "question_weight": 0.25, "cot_fraction": 0.1, "cot_examples": [6, 3, 1]},
+    # a fifth of the training rows in the chat format (notebook 01 fine-tunes through the chat template);
+    # question tokens weigh a quarter of answer tokens in the loss
+    "pretrain": {"chat_fraction": 0.2, "question_weight": 0.25},
     "mistral": {
         "config": {"num_hidden_layers": 16, "hidden_size": 64, "intermediate_size": 192},
-        "train": {"steps": 800, "batch": 32, "lr": 3e-3},
+        "train": {"steps": 900, "batch": 32, "lr": 3e-3},
         "n_shards": 4,
     },
     "mixtral": {
@@ -93,8 +80,8 @@ FULL = {
         "n_shards": 4,
     },
     "eval_batch": 64,
-    # CoT: a few questions per category; the official 5 shots in a context scaled down from 4096 / 2048
-    "eval_cot": {"per_category": 5, "shots": 5, "max_model_length": 768, "max_new_tokens": 256, "batch": 16},
+    # CoT generates: a few questions per category and a short budget (tiny models reply with no letter)
+    "eval_cot": {"per_category": 5, "shots": 5, "max_new_tokens": 64, "batch": 8},
 }
 QUICK = {
     "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
@@ -231,8 +218,6 @@ def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
         for r in splits["validation"]
     ]
     texts += [HEADER.format(c) for c in tasks.CATEGORIES] * 20
-    rng = random.Random("toy-tokenizer-cot")
-    texts += ["".join(cot_document(r, splits["train"][:200], 2, rng)) for r in splits["train"][::25]]
     return texts
 
 
@@ -302,10 +287,7 @@ def build_world(
             splits = write_data(tmp, spec, seed)
         with m.timer("tokenizer"):
             tok = train_tokenizer(tokenizer_corpus(splits), spec["tokenizer"]["vocab_size"], tmp / "tokenizer")
-            pre = spec["pretrain"]
-            seqs = encode_pairs(
-                tok, splits["train"], pre["chat_fraction"], seed, pre["cot_fraction"], pre["cot_examples"]
-            )
+            seqs = encode_pairs(tok, splits["train"], spec["pretrain"]["chat_fraction"], seed)
         calib = load_texts("toy", world=tmp)
         questions, shots = mmlu_pro.load(tmp / "mmlu_pro")  # what every notebook scores, read back from disk
         acc: dict[str, dict] = {s: {} for s in SCORINGS}
