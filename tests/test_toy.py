@@ -151,13 +151,14 @@ def test_manifest_records_accuracy_and_experts(world):
     cats = set(toy_tasks.CATEGORIES)
     n_test = toy.spec_for(quick=True)["data"]["test"] * len(cats)
     n_cot = toy.spec_for(quick=True)["eval_cot"]["per_category"] * len(cats)
-    assert set(m["accuracy"]) == set(measure.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot"}
+    assert set(m["accuracy"]) == set(measure.SCORINGS) == {"cloze", "cloze_norm", "loglik", "cot", "cot_text"}
     for scoring, by_model in m["accuracy"].items():
         for kind in ("mixtral", "mistral"):
             acc = by_model[kind]
             assert set(acc["per_category"]) == set(acc["n_per_category"]) == cats and 0 <= acc["overall"] <= 1
-            assert acc["n"] == sum(acc["n_per_category"].values()) == (n_cot if scoring == "cot" else n_test)
-            if scoring != "cot":  # log-likelihood scorings always pick an option
+            generated = scoring in ("cot", "cot_text")  # both read the same CoT replies
+            assert acc["n"] == sum(acc["n_per_category"].values()) == (n_cot if generated else n_test)
+            if not generated:  # log-likelihood scorings always pick an option
                 assert acc["n_unparsed"] == 0
     ch = m["chance"]
     assert set(ch["per_category"]) == cats

@@ -383,22 +383,9 @@ def run(p: Params) -> LayerDropResult:
 
 
 # ---- command line ---------------------------------------------------------------------------
-FLAGS = (  # `layer-drop` flags, each the notebook parameter of the same name; unset: the notebook's default
-    "model",
-    "world_manifest",
-    "calib",
-    "n_samples",
-    "seq_len",
-    "batch_size",
-    "drop_frac",
-    "keep_last_layer",
-    "layers",
-    "n_bundles",
-    "dtype",
-    "seed",
-    "save_dir",
-    "save_removed_dir",
-)
+# `layer-drop` flags, each the notebook parameter of the same name; unset: the notebook's default
+FLAGS = ["model", "world_manifest", "calib", "n_samples", "seq_len", "batch_size", "drop_frac", "keep_last_layer"]
+FLAGS += ["layers", "n_bundles", "dtype", "seed", "save_dir", "save_removed_dir"]
 
 
 def cli_params(args) -> Params:
