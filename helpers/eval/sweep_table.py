@@ -93,6 +93,27 @@ def score_points(
     return done
 
 
+def eval_chunk(job: dict, apply: Callable) -> list[str]:
+    """One worker's share of a sweep: load the model once, score its points (skipping those already written).
+
+    `apply(model, point)` is the side's in-memory variant: router masking for experts, skipped layers for depth.
+    """
+    import torch
+
+    from helpers.core.models import load_model
+
+    torch.set_num_threads(job.get("threads", 1))
+    root = Path(job["root"])
+    settings = {k: job[k] for k in ("model", "mode", "limit")}
+    todo = pending(root, job["points"], settings)
+    if not todo:
+        return []
+    model, tok = load_model(job["model"], job.get("dtype") or "float32", "cpu")
+    questions, shots = mmlu_pro.load(job["data"], limit=job["limit"])
+    kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=job.get("progress", True), settings=settings)
+    return score_points(model, tok, questions, shots, todo, apply, root, **kw)
+
+
 def load_points(root, keys: Sequence[str] | None = None) -> dict[str, dict]:
     """{key: point record} of the points written under `root` (only `keys` when given)."""
     folder = Path(root) / "points"

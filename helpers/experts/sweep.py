@@ -186,20 +186,8 @@ def compare_key(p: dict) -> str | None:
 
 # ---- jobs ------------------------------------------------------------------------------------------
 def eval_chunk(job: dict) -> list[str]:
-    """One worker's share: load the model once, score its points (skipping those already written)."""
-    from helpers.core.models import load_model
-    from helpers.eval import mmlu_pro
-
-    torch.set_num_threads(job.get("threads", 1))
-    root = Path(job["root"])
-    settings = {k: job[k] for k in ("model", "mode", "limit")}
-    todo = sweep_table.pending(root, job["points"], settings)
-    if not todo:
-        return []
-    model, tok = load_model(job["model"], job.get("dtype") or "float32", "cpu")
-    questions, shots = mmlu_pro.load(job["data"], limit=job["limit"])
-    kw = dict(mode=job["mode"], batch_size=job["batch_size"], progress=job.get("progress", True), settings=settings)
-    return sweep_table.score_points(model, tok, questions, shots, todo, masked, root, **kw)
+    """One worker's share of this side's points (a module-level function, so workers can pickle it)."""
+    return sweep_table.eval_chunk(job, masked)
 
 
 def jaccard(a: dict, b: dict) -> float:
