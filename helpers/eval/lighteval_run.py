@@ -164,6 +164,7 @@ def _keep_grad_mode():
         torch.set_grad_enabled(was)
 
 
+@_keep_grad_mode()  # a fresh context per call: grad mode restored however lighteval leaves it
 def run_lighteval(
     model,
     questions: Sequence[Question],
@@ -189,43 +190,6 @@ def run_lighteval(
     Returns one TaskResult per mode (task names lighteval_loglik / lighteval_cot), with lighteval's
     aggregate kept as `lighteval_acc`.
     """
-    with _keep_grad_mode():
-        return _run_lighteval(
-            model,
-            questions,
-            shots,
-            out_dir,
-            modes,
-            tokenizer,
-            batch_size,
-            max_length,
-            loglik_shots,
-            cot_shots,
-            max_new_tokens,
-            device,
-            dtype,
-            name,
-            source,
-        )
-
-
-def _run_lighteval(
-    model,
-    questions,
-    shots,
-    out_dir,
-    modes,
-    tokenizer,
-    batch_size,
-    max_length,
-    loglik_shots,
-    cot_shots,
-    max_new_tokens,
-    device,
-    dtype,
-    name,
-    source,
-) -> list[TaskResult]:
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.models.transformers.transformers_model import TransformersModelConfig
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
