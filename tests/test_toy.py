@@ -16,7 +16,7 @@ from helpers.core.models import load_check
 from helpers.toy import measure
 from helpers.toy import tasks as toy_tasks
 from helpers.toy import world as toy
-from helpers.toy.train import encode_pairs
+from helpers.toy.train import encode_cot, encode_pairs
 
 SPLITS = ("test", "validation", "train")
 
@@ -139,11 +139,45 @@ def test_quick_world_loads_offline(world):
 
 
 def test_same_seed_gives_identical_models(world, tmp_path):
-    again = toy.build_world(tmp_path / "world", quick=True, seed=0)
+    again = toy.build_world(tmp_path / "world", quick=True, seed=0, workers=2)  # models trained in 2 processes
     for kind in ("mixtral", "mistral", "tokenizer", "mmlu_pro", "finetune", "calib"):
         assert _files(again / kind) == _files(world / kind), kind
     a, b = load_manifest(world)["metrics"], load_manifest(again)["metrics"]
     assert a["accuracy"] == b["accuracy"] and a["experts"] == b["experts"]
+
+
+def test_cot_documents_are_official_prompts_trained_on_their_reasonings(world):
+    """A CoT pretraining document is the official prompt (header, shots, question) followed by the row's
+    reasoning, its answer line and the stop string; the trained spans are exactly the reasonings."""
+    from transformers import AutoTokenizer
+
+    from helpers.eval import mmlu_pro
+
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    rows = _read(world, "train")
+    docs = encode_cot(tok, rows, 40, [1, 1, 1], seed=0)
+    by_question: dict[str, list] = {}
+    for r in rows:
+        by_question.setdefault(r["question"], []).append(mmlu_pro.to_question(r))
+    assert len(docs) == 40 and len({tuple(ids) for ids, _ in docs}) == 40
+    n_shots = set()
+    for ids, spans in docs:
+        assert ids[0] == tok.bos_token_id
+        text = tok.decode(ids[1:])
+        assert text.startswith(mmlu_pro.cot_header(text.split("about ", 1)[1].split(".", 1)[0]))
+        got = [tok.decode(ids[a:b]) for a, b in spans]
+        *shots, last = got
+        n_shots.add(len(shots))
+        body, _ = text.rsplit(mmlu_pro.COT_ASK, 1)
+        asked = body.rsplit("Question:\n", 1)[1].split("\nOptions:\n")[0]
+        block = lambda q: mmlu_pro.cot_example(q, False).removesuffix(mmlu_pro.COT_ASK)  # noqa: E731
+        q = next(q for q in by_question[asked] if body.endswith(block(q)))  # the asked row, options and all
+        assert last == q.cot_content.removeprefix(mmlu_pro.COT_LEAD) + "\n\n" + mmlu_pro.COT_STOP
+        assert text == body + mmlu_pro.COT_ASK + last
+        assert all(s.endswith(f".\n\n{mmlu_pro.COT_STOP}") and " The answer is (" in s for s in shots)
+        # every token outside the spans is the prompt: header, shot questions, the asked question
+        assert sum(b - a for a, b in spans) < len(ids) - 1
+    assert n_shots == {0, 1, 2}
 
 
 def test_manifest_records_accuracy_and_experts(world):
@@ -163,6 +197,8 @@ def test_manifest_records_accuracy_and_experts(world):
     ch = m["chance"]
     assert set(ch["per_category"]) == cats
     assert m["targets"] == {k: measure.headroom(a, ch) for k, a in m["accuracy"]["cloze"].items()}
+    assert m["cot_targets"] == measure.cot_targets(m["accuracy"], ch)
+    assert all(n > 0 for n in m["cot_documents"].values())
     freq = torch.tensor(m["experts"]["router_frequency"])
     assert freq.shape[1] == 8 and torch.allclose(freq.sum(1), torch.ones(len(freq)), atol=1e-3)
     assert m["experts"]["pairwise_rel_distance"]["min"] > 0

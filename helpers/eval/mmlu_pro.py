@@ -46,6 +46,8 @@ COT_INITIAL_PROMPT = (
     'finish your answer with "the answer is (X)" where X is the correct letter choice.\n\n\n'
 )
 COT_STOP = "Question:"
+# a row's cot_content opens with COT_LEAD; the prompt writes it as COT_ASK (shots) and ends with COT_ASK
+COT_LEAD, COT_ASK = "A: Let's think step by step.", "Answer: Let's think step by step."
 # the official script's constants: shots, context and generation budget (a preset may lower them; results record them)
 COT_SHOTS, MAX_MODEL_LENGTH, MAX_NEW_TOKENS = 5, 4096, 2048
 # N/A convention of the letter scorings: lm-eval's leaderboard_mmlu_pro keeps the "N/A" padding options
@@ -63,8 +65,8 @@ def cot_example(q: Question, with_answer: bool) -> str:
     """One official CoT block; a shot carries its cot_content with "A:" turned into "Answer:"."""
     s = f"Question:\n{q.question}\nOptions:\n{options_block(q)}"
     if with_answer:
-        return s + q.cot_content.replace("A: Let's think step by step.", "Answer: Let's think step by step.") + "\n\n"
-    return s + "Answer: Let's think step by step."
+        return s + q.cot_content.replace(COT_LEAD, COT_ASK) + "\n\n"
+    return s + COT_ASK
 
 
 def cot_header(category: str) -> str:

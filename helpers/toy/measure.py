@@ -101,6 +101,23 @@ def headroom(acc: dict, ch: dict) -> dict:
     }
 
 
+def cot_targets(acc: dict, ch: dict) -> dict:
+    """Issue 13's CoT targets per model: replies parse (unparsed <= 5%), and the toy diagnostic cot_text is
+    >= 2x chance; the official letter score is reported beside, as it comes (expected near chance)."""
+    out = {}
+    for kind, block in acc["cot"].items():
+        unparsed = block["n_unparsed"] / max(block["n"], 1)
+        text = acc["cot_text"][kind]["overall"]
+        out[kind] = {
+            "unparsed_share": round(unparsed, 4),
+            "unparsed_le_5pct": unparsed <= 0.05,
+            "cot_text": text,
+            "cot_text_ge_2x_chance": text >= 2 * ch["overall"],
+            "cot_letter": block["overall"],
+        }
+    return out
+
+
 def expert_stats(model_dir, model, tok, texts: list[str]) -> dict:
     """Spread of the experts: helpers.expert_scores' relative pairwise distances (off the diagonal,
     from the checkpoint) and router top-k frequency on `texts` as a share of routing slots (rows sum to 1)."""
@@ -161,5 +178,11 @@ def summary(out) -> str:
         lines.append(
             f"{kind}: {'meets' if t['ok'] else 'MISSES'} the targets (>= 2x chance, < 90%, >= 2 categories "
             f"between 2x chance and 80%: {', '.join(t['headroom_categories']) or 'none'})"
+        )
+    for kind, t in m.get("cot_targets", {}).items():
+        ok = lambda b: "ok" if b else "MISSED"  # noqa: E731
+        lines.append(
+            f"{kind} CoT: unparsed {t['unparsed_share']:.1%} (<= 5%: {ok(t['unparsed_le_5pct'])}), cot_text "
+            f"{t['cot_text']:.2f} (>= 2x chance: {ok(t['cot_text_ge_2x_chance'])}), letter {t['cot_letter']:.2f}"
         )
     return "\n".join(lines)

@@ -125,7 +125,7 @@ def _rand_num(rng: random.Random, lo: int, hi: int) -> Callable[[], str]:
 def succession(rng, world, split) -> Item:
     n = rng.randrange(0, 1000)
     opts, i = _choose(rng, str(n + 1), _near(rng, n, [-1, 2, 10, 11, -9, 3, 20, -10]), 4, _rand_num(rng, 0, 1000))
-    return Item((n,), f"Which number comes right after {n}?", opts, i, f"The number after {n} is {n} + 1 = {n + 1}.")
+    return Item((n,), f"Which number comes right after {n}?", opts, i, reason(n + 1))
 
 
 def comparison(rng, world, split) -> Item:
@@ -141,7 +141,7 @@ def comparison(rng, world, split) -> Item:
         f"Which is the {word} of these numbers: {lst}?",
         opts,
         opts.index(str(pick)),
-        f"Comparing {lst}, the {word} is {pick}.",
+        reason(pick),
     )
 
 
@@ -151,7 +151,7 @@ def addition(rng, world, split) -> Item:
     opts, i = _choose(
         rng, str(s), _near(rng, s, [1, -1, 10, -10, 2, -2, 11, -11, 9, 20, -20]), 10, _rand_num(rng, 20, 198)
     )
-    return Item((a, b), f"What is {a} plus {b}?", opts, i, f"{a} plus {b} is {a} + {b} = {s}.")
+    return Item((a, b), f"What is {a} plus {b}?", opts, i, reason(s))
 
 
 def sequences(rng, world, split) -> Item:
@@ -166,7 +166,7 @@ def sequences(rng, world, split) -> Item:
         f"What number comes next in the sequence {lst}?",
         opts,
         i,
-        f"Each term adds {step}, so the next term is {terms[-1]} + {step} = {nxt}.",
+        reason(nxt),
     )
 
 
@@ -182,7 +182,7 @@ def counting(rng, world, split) -> Item:
         f"How many times does the letter {x} appear in: {s}?",
         opts,
         i,
-        f"Going through {s} and counting each {x} gives {k}.",
+        reason(k),
     )
 
 
@@ -197,7 +197,7 @@ def alphabetical(rng, world, split) -> Item:
         f"Which word comes first in alphabetical order: {lst}?",
         opts,
         opts.index(first),
-        f"Sorted alphabetically the words are {', '.join(sorted(words))}, so the first is {first}.",
+        reason(first),
     )
 
 
@@ -211,7 +211,7 @@ def word_classes(rng, world, split) -> Item:
         f"Which of these is a kind of {cls}?",
         opts,
         i,
-        f"{ans.capitalize()} is a kind of {cls}; none of the others is.",
+        reason(ans),
     )
 
 
@@ -221,9 +221,7 @@ def geography(rng, world, split) -> Item:
     t = held[c] if split == "test" else rng.choice([j for j in range(len(GEO_TEMPLATES)) if j != held[c]])
     others = [capitals[j] for j in rng.sample(range(len(countries)), min(12, len(countries))) if j != c]
     opts, i = _choose(rng, capitals[c], others, 10, lambda: rng.choice(capitals))
-    return Item(
-        (c, t), GEO_TEMPLATES[t].format(c=countries[c]), opts, i, f"The capital of {countries[c]} is {capitals[c]}."
-    )
+    return Item((c, t), GEO_TEMPLATES[t].format(c=countries[c]), opts, i, reason(capitals[c]))
 
 
 CATEGORIES: dict[str, Callable] = {
@@ -252,6 +250,13 @@ def make_world(seed: int, n_countries: int) -> dict:
             names.append(n)
     held = [rng.randrange(len(GEO_TEMPLATES)) for _ in range(n_countries)]
     return {"countries": names[:n_countries], "capitals": names[n_countries:], "held_template": held}
+
+
+def reason(answer) -> str:
+    """The toy reasoning: one sentence ending in the answer text. Measured: per-category sentences that copy
+    numbers from the question ("The number after 665 is 665 + 1 = 666.") are not learned in the build's
+    budget (copies come out wrong), and lead-ins shared by several categories get mixed up; one lead-in is."""
+    return f"Working it out gives {answer}."
 
 
 def cot(reasoning: str, letter: str) -> str:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from helpers.core.compat import make_portable
 from helpers.core.models import save_sharded
+from helpers.eval import mmlu_pro
 from helpers.toy import tasks
 
 BASE_CONFIG = dict(
@@ -95,6 +96,56 @@ def encode_pairs(tok, rows: list[dict], chat_fraction: float, seed: int) -> list
     return [((p if c else [bos, *p]) + a + [eos], len(a) + 1) for p, a, c in zip(p_ids, a_ids, chat)]
 
 
+def cot_document(r: dict, pool: list[dict], n_shots: int, rng: random.Random) -> str:
+    """The official CoT prompt for row `r` with `n_shots` worked shots drawn from `pool` (same category),
+    then the row's reasoning, " The answer is (X).", and the next "Question:" (the official stop string)."""
+    q = mmlu_pro.to_question(r)
+    shots = [mmlu_pro.to_question(s) for s in rng.sample(pool, min(n_shots, len(pool)))]
+    prompt = mmlu_pro.cot_prompt(q, {q.category: shots}, len(shots))
+    return prompt + q.cot_content.removeprefix(mmlu_pro.COT_LEAD) + "\n\n" + mmlu_pro.COT_STOP
+
+
+def encode_cot(
+    tok, rows: list[dict], n_docs: int, shot_weights: list[float], seed: int
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(token ids, answer spans) of `n_docs` official-layout CoT documents built on distinct seeded rows,
+    with 0..len(shot_weights)-1 shots (weights `shot_weights`).
+
+    Every reasoning, the shots' included, is an answer span: from after "Answer: Let's think step by
+    step." through the next "Question:", so the model learns the reasoning, the answer line and the stop.
+    The document is tokenized whole, as the scorer tokenizes a prompt; spans come from character offsets.
+    """
+    rng = random.Random(f"toy-cot-{seed}")
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    lead, stop = mmlu_pro.COT_ASK, mmlu_pro.COT_STOP
+    out = []
+    for i in rng.sample(range(len(rows)), min(n_docs, len(rows))):
+        r = rows[i]
+        n = rng.choices(range(len(shot_weights)), weights=shot_weights)[0]
+        text = cot_document(r, [x for x in by_cat[r["category"]] if x is not r], n, rng)
+        chars = []  # [start, end) character spans of the reasonings
+        at = text.find(lead)
+        while at >= 0:
+            start = at + len(lead)
+            chars.append((start, text.index(stop, start) + len(stop)))
+            at = text.find(lead, start)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [any(a <= c < b for a, b in chars) for c, _ in enc["offset_mapping"]]
+        spans, t = [], 0
+        while t < len(inside):
+            if inside[t]:
+                u = t
+                while u < len(inside) and inside[u]:
+                    u += 1
+                spans.append((t + 1, u + 1))  # +1: BOS first
+                t = u
+            t += 1
+        out.append(([tok.bos_token_id, *enc["input_ids"]], spans))
+    return out
+
+
 def _batches(seqs: list, batch: int, steps: int, seed: int):
     """Random batches, length-bucketed within groups of 16 batches so padding stays small."""
     g = random.Random(f"toy-batches-{seed}")
@@ -128,7 +179,7 @@ def weighted_lm_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
 
 def pretrain(
     model,
-    seqs: list[tuple[list[int], int]],
+    seqs: list[tuple[list[int], int | list[tuple[int, int]]]],
     *,
     steps: int,
     batch: int,
@@ -158,8 +209,9 @@ def pretrain(
         chunk = [seqs[i] for i in idx]
         ids, mask = pad([s for s, _ in chunk], pad_id)
         w = mask.float() * question_weight
-        for b, (s, n_ans) in enumerate(chunk):
-            w[b, len(s) - n_ans : len(s)] = 1.0
+        for b, (s, ans) in enumerate(chunk):
+            for lo, hi in [(len(s) - ans, len(s))] if isinstance(ans, int) else ans:
+                w[b, lo:hi] = 1.0
         # right padding: real tokens never attend to later pads, so no mask is needed (faster path)
         out = model(input_ids=ids, **({"output_router_logits": True} if is_moe else {}))
         loss = weighted_lm_loss(out.logits, ids, w)

@@ -40,10 +40,19 @@ from helpers.core.fsutil import atomic_dir, read_json, write_jsonl
 from helpers.core.manifest import FILENAME, Manifest
 from helpers.eval import mmlu_pro
 from helpers.toy import tasks
-from helpers.toy.measure import SCORINGS, chance, expert_stats, headroom, summary, world_accuracy
-from helpers.toy.train import BASE_CONFIG, dense_twin, encode_pairs, model_config, pretrain, save_model, upcycle
+from helpers.toy.measure import SCORINGS, chance, cot_targets, expert_stats, headroom, summary, world_accuracy
+from helpers.toy.train import (
+    BASE_CONFIG,
+    dense_twin,
+    encode_cot,
+    encode_pairs,
+    model_config,
+    pretrain,
+    save_model,
+    upcycle,
+)
 
-SPEC_VERSION = 1  # bump when generators or training change what a seed builds
+SPEC_VERSION = 2  # bump when generators or training change what a seed builds
 FULL = {
     "version": SPEC_VERSION,
     "data": {
@@ -54,7 +63,7 @@ FULL = {
         "finetune_eval": 40,
         "calib": 48,
         "n_countries": 100,
-        "finetune_categories": ["addition", "sequences"],
+        "finetune_categories": ["comparison", "counting"],  # categories with headroom for the fine-tune
     },
     "tokenizer": {"vocab_size": 768},
     # a fifth of the training rows in the chat format (notebook 01 fine-tunes through the chat template);
@@ -62,7 +71,10 @@ FULL = {
     "pretrain": {"chat_fraction": 0.2, "question_weight": 0.25},
     "mistral": {
         "config": {"num_hidden_layers": 16, "hidden_size": 64, "intermediate_size": 192},
-        "train": {"steps": 900, "batch": 32, "lr": 3e-3},
+        "train": {"steps": 800, "batch": 32, "lr": 3e-3},
+        # a share of the sequences are official CoT documents with 0, 1, ... worked shots (weights `shots`):
+        # enough for the format; the 16-layer model pays most for long documents, so it sees fewer and shorter
+        "cot": {"fraction": 0.06, "shots": [1, 1]},
         "n_shards": 4,
     },
     "mixtral": {
@@ -77,11 +89,13 @@ FULL = {
         "dense_train": {"steps": 600, "batch": 32, "lr": 3e-3},
         "upcycle_noise": 0.05,
         "train": {"steps": 800, "batch": 32, "lr": 2e-3},
+        "cot": {"fraction": 0.15, "shots": [2, 2, 1]},
         "n_shards": 4,
     },
     "eval_batch": 64,
-    # CoT generates: a few questions per category and a short budget (tiny models reply with no letter)
-    "eval_cot": {"per_category": 5, "shots": 5, "max_new_tokens": 64, "batch": 8},
+    # CoT: the official rule (5 shots, dropped while the prompt is >= max_model_length - max_new_tokens) at the
+    # models' 512-token context; a toy reasoning is under 40 tokens
+    "eval_cot": {"per_category": 25, "shots": 5, "max_model_length": 512, "max_new_tokens": 128, "batch": 16},
 }
 QUICK = {
     "data": {"test": 8, "train": 48, "finetune": 16, "finetune_eval": 4, "calib": 8, "n_countries": 10},
@@ -221,6 +235,14 @@ def tokenizer_corpus(splits: dict[str, list[dict]]) -> list[str]:
     return texts
 
 
+def training_sequences(tok, rows: list[dict], spec: dict, kind: str, seed: int) -> list[tuple[list[int], object]]:
+    """Every train row in the QA or chat form, plus official CoT documents: `cot.fraction` of all sequences."""
+    seqs: list = encode_pairs(tok, rows, spec["pretrain"]["chat_fraction"], seed)
+    cot = spec[kind]["cot"]
+    n_docs = round(cot["fraction"] * len(rows) / (1 - cot["fraction"]))
+    return seqs + encode_cot(tok, rows, n_docs, cot["shots"], seed)
+
+
 def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) -> tuple[object, dict]:
     """Pretrain one model and save it under out/kind; Mixtral is upcycled from a dense twin first."""
     from transformers import AutoModelForCausalLM
@@ -265,15 +287,57 @@ def build_model(kind: str, spec: dict, tok, train_seqs, seed: int, out: Path) ->
     return model, info
 
 
+def _model_job(kind: str, spec: dict, seed: int, root: str, seqs: list, threads: int) -> dict:
+    """Train, save and score one model of the world under `root` (in a worker process of build_world):
+    returns what the manifest records about it."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(threads)
+    root_p = Path(root)
+    tok = AutoTokenizer.from_pretrained(root_p / "tokenizer")
+    t = time.perf_counter()
+    model, info = build_model(kind, spec, tok, seqs, seed, root_p)
+    timings = {f"train_{kind}": round(time.perf_counter() - t, 3)}
+    t = time.perf_counter()
+    questions, shots = mmlu_pro.load(root_p / "mmlu_pro")  # what every notebook scores, read back from disk
+    out = {"info": info, "accuracy": world_accuracy(model, tok, questions, shots, spec)}
+    timings[f"eval_{kind}"] = round(time.perf_counter() - t, 3)
+    if kind == "mixtral":
+        t = time.perf_counter()
+        out["experts"] = expert_stats(root_p / kind, model, tok, load_texts("toy", world=root_p))
+        timings["expert_stats"] = round(time.perf_counter() - t, 3)
+    return out | {"timings": timings}
+
+
+def _train_models(jobs: dict[str, tuple], workers: int) -> dict[str, dict]:
+    """Run _model_job per model: inline, or one spawned process per model (the models share nothing,
+    and each trains single-threaded, so two cores build both in the time of the slower one)."""
+    if workers <= 1:
+        return {kind: _model_job(*args) for kind, args in jobs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = {kind: ex.submit(_model_job, *args) for kind, args in jobs.items()}
+        return {kind: f.result() for kind, f in futures.items()}
+
+
 def build_world(
-    out="runs/toy/world", *, quick: bool = False, seed: int = 0, force: bool = False, threads: int = 1
+    out="runs/toy/world",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    force: bool = False,
+    threads: int = 1,
+    workers: int | None = None,
 ) -> Path:
     """Build (or reuse, when spec and seed match the manifest) the toy world under `out`; returns `out`.
 
-    One thread by default, measured on a shared 2-core box: these matrices are small, and when
-    anything else runs two OpenMP threads wait on each other (training steps 10-70x slower; a full
-    build took 11.5 min with two threads, 4 min with one). A fixed thread count also keeps the
-    trained weights the same from run to run.
+    One thread per model, measured on a shared 2-core box: these matrices are small, and when anything
+    else runs two OpenMP threads wait on each other (training steps 10-70x slower; a full build took
+    11.5 min with two threads, 4 min with one). A fixed thread count also keeps the trained weights the
+    same from run to run. The two models train in `workers` processes (default: 2 for the full build,
+    1 for --quick, where starting processes costs more than it saves); the bytes do not depend on it.
     """
     torch.set_num_threads(threads)
     out = Path(out)
@@ -281,38 +345,35 @@ def build_world(
     if not force and cached(out, spec, seed):
         print(f"toy world at {out} is up to date (spec {spec_hash(spec)}, seed {seed}); --force rebuilds")
         return out
+    workers = (1 if quick else 2) if workers is None else workers
     m = Manifest("toy", {"seed": seed, "quick": quick, "spec_hash": spec_hash(spec), "spec": spec})
     with atomic_dir(out, overwrite=True) as tmp:
         with m.timer("data"):
             splits = write_data(tmp, spec, seed)
         with m.timer("tokenizer"):
             tok = train_tokenizer(tokenizer_corpus(splits), spec["tokenizer"]["vocab_size"], tmp / "tokenizer")
-            seqs = encode_pairs(tok, splits["train"], spec["pretrain"]["chat_fraction"], seed)
-        calib = load_texts("toy", world=tmp)
-        questions, shots = mmlu_pro.load(tmp / "mmlu_pro")  # what every notebook scores, read back from disk
-        acc: dict[str, dict] = {s: {} for s in SCORINGS}
-        models = {}
+            seqs = {kind: training_sequences(tok, splits["train"], spec, kind, seed) for kind in ("mistral", "mixtral")}
+        with m.timer("models"):
+            jobs = {kind: (kind, spec, seed, str(tmp), seqs[kind], threads) for kind in ("mistral", "mixtral")}
+            done = _train_models(jobs, workers)
         for kind in ("mistral", "mixtral"):
-            with m.timer(f"train_{kind}"):
-                model, info = build_model(kind, spec, tok, seqs, seed, tmp)
-            with m.timer(f"eval_{kind}"):
-                for scoring, block in world_accuracy(model, tok, questions, shots, spec).items():
-                    acc[scoring][kind] = block
-            models[kind] = info
-            if kind == "mixtral":
-                with m.timer("expert_stats"):
-                    m.metric("experts", expert_stats(tmp / kind, model, tok, calib))
-            del model
+            m.data["timings_s"].update(done[kind]["timings"])
+        questions, _ = mmlu_pro.load(tmp / "mmlu_pro")
         ch = chance(questions)
+        acc = {s: {kind: done[kind]["accuracy"][s] for kind in done} for s in SCORINGS}
+        m.metric("experts", done["mixtral"]["experts"])
         m.metrics(
             accuracy=acc,
             scorings=SCORINGS,
             chance=ch,
             targets={k: headroom(a, ch) for k, a in acc["cloze"].items()},
-            models=models,
+            cot_targets=cot_targets(acc, ch),
+            models={kind: done[kind]["info"] for kind in done},
             threads=threads,
+            workers=workers,
             sizes={s: len(v) for s, v in splits.items()},
             tokenizer_vocab=len(tok),
+            cot_documents={kind: sum(not isinstance(a, int) for _, a in seqs[kind]) for kind in seqs},
         )
         for name, rel in (
             ("mixtral", "mixtral"),
