@@ -91,6 +91,7 @@ def test_calib_stats_naee_is_the_exhaustive_argmin(tiny_mixtral):
     assert all(len(s) == 3 for s in st["naee"][3]) and len(st["naee"][7]) == 4
     st2 = xsw.calib_stats(model, tok, texts, ks=(3,), batch_size=1, progress=False)  # batching changes nothing
     assert st2["naee"][3] == st["naee"][3]
+    assert all(x >= 0 for x in st["naee_rel_loss"][3]) and np.allclose(st2["naee_rel_loss"][3], st["naee_rel_loss"][3])
     np.testing.assert_allclose(st2["reap_softmax"], st["reap_softmax"], rtol=1e-5)
 
 
@@ -100,6 +101,29 @@ def test_keep_allocations():
     g = xsw.global_keep(s, 3, floor=2)
     assert sum(len(v) for v in g.values()) == 9 and all(len(v) >= 2 for v in g.values())
     assert g == {0: [0, 2, 3], 1: [0, 3], 2: [0, 1, 2, 3]}
+
+
+def test_naee_global_is_the_best_size_allocation():
+    """The DP's sizes equal a brute force over every allocation (>= top_k, same total), and each layer keeps
+    its best set of the chosen size."""
+    from itertools import product
+
+    rng = np.random.default_rng(0)
+    L, E, top_k = 4, 6, 2
+    rel = {s: rng.random(L).tolist() for s in range(top_k, E)}  # relative loss of each layer's best s-set
+    naee = {s: [sorted(rng.choice(E, s, replace=False).tolist()) for _ in range(L)] for s in range(top_k, E)}
+    cost = lambda s, l: 0.0 if s == E else rel[s][l]  # noqa: E731
+    for k in range(top_k, E):
+        got = xsw.naee_global_keep(naee, rel, k, top_k, E)
+        sizes = [len(got[l]) for l in range(L)]
+        assert sum(sizes) == k * L and min(sizes) >= top_k
+        brute = min(
+            sum(cost(s, l) for l, s in enumerate(c)) for c in product(range(top_k, E + 1), repeat=L) if sum(c) == k * L
+        )
+        assert np.isclose(sum(cost(s, l) for l, s in enumerate(sizes)), brute)
+        assert all(got[l] == (list(range(E)) if s == E else naee[s][l]) for l, s in enumerate(sizes))
+    pts = xsw.plan_points({"delta_l2": rng.random((L, E)).tolist()}, naee, [3], top_k, 1, naee_rel_loss=rel)
+    assert {p["key"] for p in pts if p["criterion"] == "naee"} == {"naee_uniform_k3_s0", "naee_global_k3_s0"}
 
 
 def test_layer_methods_choose_blocks():

@@ -12,7 +12,10 @@ Criteria ([L][E], higher = keep), all but delta-L2 measured on the fine-tuned mo
 - random: uniform scores, several seeds (a band).
 Allocations: "uniform" keeps k per layer (what a standard Mixtral checkpoint can hold); "global" ranks all
 (layer, expert) scores at once with a floor of top_k per layer and the same total k * L (scored in memory
-only: num_local_experts is one number, so it cannot be written as a standard checkpoint). NAEE is uniform.
+only: num_local_experts is one number, so it cannot be written as a standard checkpoint). NAEE's "global"
+(our extension; the paper prunes layer by layer) picks the per-layer sizes (>= top_k, same total) that
+minimise the summed relative reconstruction loss (each layer's loss / its sum of ||MoE_full(x)||^2),
+each layer keeping its best set of that size: an exact dynamic programme over layers.
 Every point is evaluated in memory by router masking (`prune.masked_router`), which the tests prove equal
 to the written pruned checkpoint question by question.
 
@@ -65,6 +68,7 @@ def calib_stats(model, tok, texts, *, ks=(), max_length: int = 128, batch_size: 
     masks = {k: torch.tensor([[e in s for e in range(E)] for s in v]) for k, v in sets.items()}
     acc = {n: torch.zeros(L, E, dtype=torch.float64) for n in ("count", "gate", "ean", "reap", "reap_sm")}
     loss = {k: torch.zeros(L, len(v), dtype=torch.float64) for k, v in sets.items()}
+    energy = torch.zeros(L, dtype=torch.float64)  # sum over tokens of ||MoE_full(x)||^2, per layer
     state = {"mask": None, "tokens": 0}
 
     def hook(layer, blk):
@@ -82,6 +86,7 @@ def calib_stats(model, tok, texts, *, ks=(), max_length: int = 128, batch_size: 
             acc["reap"][layer] += (g * norms).sum(0).double()
             acc["reap_sm"][layer] += (probs * norms * hit).sum(0).double()
             full = torch.einsum("te,eth->th", g, f)
+            energy[layer] += full.pow(2).sum().double()
             for k, m in masks.items():
                 loss[k][layer] += (_subset_outputs(logits, f, m, top_k) - full).pow(2).sum((1, 2)).double()
 
@@ -109,6 +114,7 @@ def calib_stats(model, tok, texts, *, ks=(), max_length: int = 128, batch_size: 
         "reap": (acc["reap"] / routed).tolist(),
         "reap_softmax": (acc["reap_sm"] / routed).tolist(),
         "naee": {k: [sorted(sets[k][int(loss[k][l].argmin())]) for l in range(L)] for k in ks},
+        "naee_rel_loss": {k: [float(loss[k][l].min() / energy[l].clamp_min(1e-30)) for l in range(L)] for k in ks},
         "n_tokens": state["tokens"],
     }
 
@@ -132,8 +138,33 @@ def global_keep(scores, k: int, floor: int) -> dict[int, list[int]]:
     return {l: sorted(int(e) for e in v) for l, v in keep.items()}
 
 
-def plan_points(criteria: dict, naee: dict, ks, top_k: int, seeds: int, allocations=("uniform", "global")) -> list:
-    """Every sweep point: {key, criterion, allocation, keep (k), seed, keep_sets {layer: ids}}; plus "full"."""
+def naee_global_keep(naee: dict, rel_loss: dict, k: int, top_k: int, n_experts: int) -> dict[int, list[int]]:
+    """Per-layer sizes s_l in [top_k, E] with sum s_l = k * L minimising sum_l rel_loss[s_l][l] (0 at s = E),
+    each layer keeping naee[s_l][l]; exact DP over layers (ties: the first layer keeps fewer)."""
+    E = n_experts
+    L = len(next(iter(naee.values())))
+    sizes = sorted({s for s in naee if top_k <= s < E} | {E})
+    cost = lambda s, l: 0.0 if s == E else rel_loss[s][l]  # noqa: E731
+    best = {0: (0.0, [])}  # experts used so far -> (loss, sizes chosen)
+    for l in range(L):
+        nxt: dict[int, tuple[float, list[int]]] = {}
+        for used, (c, chosen) in sorted(best.items()):
+            for s in sizes:
+                cand = (c + cost(s, l), [*chosen, s])
+                if used + s not in nxt or cand[0] < nxt[used + s][0]:
+                    nxt[used + s] = cand
+        best = nxt
+    if k * L not in best:
+        raise ValueError(f"NAEE global: no sizes in {sizes} reach {k} x {L} experts")
+    chosen = best[k * L][1]
+    return {l: list(range(E)) if s == E else sorted(naee[s][l]) for l, s in enumerate(chosen)}
+
+
+def plan_points(
+    criteria: dict, naee: dict, ks, top_k: int, seeds: int, allocations=("uniform", "global"), naee_rel_loss=None
+) -> list:
+    """Every sweep point: {key, criterion, allocation, keep (k), seed, keep_sets {layer: ids}}; plus "full".
+    NAEE's global points need `naee_rel_loss` (calib_stats' "naee_rel_loss")."""
     L, E = np.asarray(criteria["delta_l2"]).shape
     pts = [{"key": f"full_k{E}", "criterion": "full", "allocation": "uniform", "keep": E, "seed": 0, "keep_sets": {}}]
     grids = {c: (criteria[c], 0) for c in SCORE_CRITERIA if c in criteria}
@@ -153,6 +184,11 @@ def plan_points(criteria: dict, naee: dict, ks, top_k: int, seeds: int, allocati
                 dict(
                     key=f"naee_uniform_k{k}_s0", criterion="naee", allocation="uniform", keep=k, seed=0, keep_sets=sets
                 )
+            )
+        if k in naee and naee_rel_loss is not None and "global" in allocations:
+            sets = naee_global_keep(naee, naee_rel_loss, k, top_k, E)
+            pts.append(
+                dict(key=f"naee_global_k{k}_s0", criterion="naee", allocation="global", keep=k, seed=0, keep_sets=sets)
             )
     for p in pts:
         p["keep"], p["n_experts"] = int(p["keep"]), int(E)
@@ -279,7 +315,7 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     with manifest.timer("criteria"):
         st = calib_stats(model, tok, texts, ks=[k for k in ks if k >= top_k], **kw)
     criteria = {"delta_l2": src["scores"]["criteria"]["delta_l2"], **{c: st[c] for c in SCORE_CRITERIA[1:]}}
-    points = plan_points(criteria, st["naee"], ks, top_k, o["seeds"])
+    points = plan_points(criteria, st["naee"], ks, top_k, o["seeds"], naee_rel_loss=st["naee_rel_loss"])
     with manifest.timer("stability"):
         stab = stability_rows(model, tok, texts, cal, p.keep, st, o["resamples"], o["calib_fracs"], p.seed)
     del model

@@ -13,9 +13,14 @@ Layout under the world directory (manifest output names in quotes):
                                 scoring (cloze, cloze_norm, loglik, cot), expert spread
 
 Models learn answers as plain "Question: ...\nAnswer: <option text>" sequences (plus some in the
-chat format); tiny models do not learn to bind letters, so the headline score is cloze: the option
-whose " <text>" is most likely after "Question: {question}\nAnswer:" (helpers.eval.mmlu_pro scores
-all four; loglik and CoT stay near chance / unparsed on these models, by design of the comparison).
+chat format) and, for a share of the sequences, as official MMLU-Pro CoT documents (header, 0-2 worked
+shots, the question, "Answer: Let's think step by step.", a one-sentence reasoning ending in the answer
+text, "The answer is (X).", the next "Question:"). Tiny models do not learn to bind letters, so the
+headline score is cloze: the option whose " <text>" is most likely after "Question: {question}\nAnswer:".
+CoT replies parse (the format is learned), but the letter stays near chance and so does the answer text
+the reasoning ends in (`cot_text`, a toy diagnostic, not the official metric): computing the answer 100+
+tokens after the question, past the options, is not learned in the build's budget (the manifest records
+both beside the targets, `cot_targets`).
 The Mixtral is upcycled from a dense twin (experts start as noisy copies of one trained MLP) and
 trained on with a load-balancing loss, so experts differ by what they were routed. The cache key
 is the spec hash plus the seed: bump SPEC_VERSION when a generator or the training changes.
