@@ -251,7 +251,8 @@ def fit_shots(
     k = min(k, len(shots.get(q.category, [])))  # a category with fewer rows: the shots really there
     while True:
         prompt = cot_prompt(q, shots, k)
-        if max_model_length is None or k <= 0 or len(tok(prompt)["input_ids"]) < max_model_length - max_new_tokens:
+        n = len(tok(prompt, verbose=False)["input_ids"])  # measured, so an over-long prompt needs no warning
+        if max_model_length is None or k <= 0 or n < max_model_length - max_new_tokens:
             return prompt, max(k, 0)
         k -= 1
 
