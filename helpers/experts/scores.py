@@ -244,6 +244,32 @@ def _expert_out(experts, j: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def hooked_passes(
+    model, tokenizer, texts, hooks, state: dict, *, max_length: int, batch_size: int, desc: str, progress=True
+) -> None:
+    """Forward `texts` in padded batches with forward `hooks` [(module, fn)] registered (removed after).
+
+    Before each batch, state["mask"] is its real-token mask [B * T] (what the hooks keep) and
+    state["tokens"] grows by the batch's real tokens.
+    """
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=not progress):
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            ).to(device)
+            state["mask"] = enc["attention_mask"].reshape(-1).bool()
+            state["tokens"] += int(state["mask"].sum())
+            model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def router_stats(model, tokenizer, texts: list[str], *, max_length: int = 256, batch_size: int = 4) -> dict:
     """Router frequency and REAP per (layer, expert) over the non-padding tokens of `texts`.
 
@@ -270,21 +296,9 @@ def router_stats(model, tokenizer, texts: list[str], *, max_length: int = 256, b
 
         return fn
 
-    handles = [blk.gate.register_forward_hook(hook(i, blk)) for i, blk in enumerate(blocks)]
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = next(model.parameters()).device
-    try:
-        for i in tqdm(range(0, len(texts), batch_size), desc="router stats", leave=False):
-            enc = tokenizer(
-                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
-            ).to(device)
-            state["mask"] = enc["attention_mask"].reshape(-1).bool()
-            state["tokens"] += int(state["mask"].sum())
-            model(**enc)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(blk.gate, hook(i, blk)) for i, blk in enumerate(blocks)]
+    kw = dict(max_length=max_length, batch_size=batch_size, desc="router stats")
+    hooked_passes(model, tokenizer, texts, hooks, state, **kw)
     n = max(1, state["tokens"])
     return {
         "frequency": (count / n).tolist(),

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from helpers.eval import sweep_table
-from helpers.experts.scores import moe_blocks, random_scores
+from helpers.experts.scores import hooked_passes, moe_blocks, random_scores
 
 SCORE_CRITERIA = ("delta_l2", "frequency", "gate_frequency", "ean", "reap", "reap_softmax")
 COORDS = ("criterion", "allocation", "keep", "seed")
@@ -92,20 +91,9 @@ def calib_stats(model, tok, texts, *, ks=(), max_length: int = 128, batch_size: 
 
         return fn
 
-    handles = [blk.register_forward_hook(hook(i, blk)) for i, blk in enumerate(blocks)]
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    try:
-        for i in tqdm(range(0, len(texts), batch_size), desc="expert calibration", disable=not progress):
-            enc = tok(
-                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
-            )
-            state["mask"] = enc["attention_mask"].reshape(-1).bool()
-            state["tokens"] += int(state["mask"].sum())
-            model(**enc)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(blk, hook(i, blk)) for i, blk in enumerate(blocks)]
+    kw = dict(max_length=max_length, batch_size=batch_size, desc="expert calibration", progress=progress)
+    hooked_passes(model, tok, texts, hooks, state, **kw)
     n, routed = max(1, state["tokens"]), acc["count"].clamp_min(1)
     return {
         "frequency": (acc["count"] / n).tolist(),
