@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -133,15 +134,12 @@ def encode_cot(
             at = text.find(lead, start)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         inside = [any(a <= c < b for a, b in chars) for c, _ in enc["offset_mapping"]]
-        spans, t = [], 0
-        while t < len(inside):
-            if inside[t]:
-                u = t
-                while u < len(inside) and inside[u]:
-                    u += 1
-                spans.append((t + 1, u + 1))  # +1: BOS first
-                t = u
-            t += 1
+        spans, t = [], 1  # token positions after BOS
+        for flag, run in groupby(inside):
+            n = len(list(run))
+            if flag:
+                spans.append((t, t + n))
+            t += n
         out.append(([tok.bos_token_id, *enc["input_ids"]], spans))
     return out
 
