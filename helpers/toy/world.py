@@ -99,7 +99,7 @@ FULL = {
     },
     "eval_batch": 64,
     # CoT: the official rule (5 shots, dropped while the prompt is >= max_model_length - max_new_tokens) at the
-    # models' 512-token context; a toy reasoning is under 40 tokens
+    # models' 512-token context (1-3 shots fit); a toy reply, answer line and stop included, is about 25 tokens
     "eval_cot": {"per_category": 25, "shots": 5, "max_model_length": 512, "max_new_tokens": 128, "batch": 16},
 }
 QUICK = {
