@@ -251,9 +251,10 @@ def fit_shots(
     k = min(k, len(shots.get(q.category, [])))  # a category with fewer rows: the shots really there
     while True:
         prompt = cot_prompt(q, shots, k)
-        n = len(tok(prompt, verbose=False)["input_ids"])  # measured, so an over-long prompt needs no warning
-        if max_model_length is None or k <= 0 or n < max_model_length - max_new_tokens:
+        if max_model_length is None or k <= 0:
             return prompt, max(k, 0)
+        if len(tok(prompt, verbose=False)["input_ids"]) < max_model_length - max_new_tokens:  # measured: no warning
+            return prompt, k
         k -= 1
 
 
