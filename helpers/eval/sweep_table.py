@@ -93,6 +93,18 @@ def score_points(
     return done
 
 
+def fan_out_points(chunk_fn: Callable, work, points: list[dict], job: dict, opts: dict) -> list[dict]:
+    """Fan the points not yet scored under `work` out to `chunk_fn` (the side's eval_chunk), in
+    opts["workers"] chunks on opts["executor"] (local processes or submitit); returns the points scored now."""
+    from helpers.core.fanout import chunked, fan_out
+
+    todo = pending(work, points, {k: job[k] for k in ("model", "mode", "limit")})
+    chunks = [{**job, "points": c} for c in chunked(todo, opts["workers"])]
+    w = opts["workers"]
+    fan_out(chunk_fn, chunks, executor=opts["executor"], workers=w, folder=Path(work) / "jobs", slurm=opts["slurm"])
+    return todo
+
+
 def eval_chunk(job: dict, apply: Callable) -> list[str]:
     """One worker's share of a sweep: load the model once, score its points (skipping those already written).
 

@@ -284,7 +284,6 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     `work_dir`: per-point results (a rerun skips the points there). Returns paths and the tables.
     """
     from helpers.core.data import load_texts
-    from helpers.core.fanout import chunked, fan_out
     from helpers.core.manifest import Manifest
     from helpers.core.models import load_model
 
@@ -309,12 +308,8 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     del model
     job = dict(root=str(work), model=src["model"], data=src["data"], limit=o["limit"], mode=o["mode"])
     job.update(batch_size=o["batch_size"], threads=threads)
-    todo = sweep_table.pending(work, points, {k: job[k] for k in ("model", "mode", "limit")})
-    chunks = [{**job, "points": c} for c in chunked(todo, o["workers"])]
     with manifest.timer("points"):
-        fan_out(
-            eval_chunk, chunks, executor=o["executor"], workers=o["workers"], folder=work / "jobs", slurm=o["slurm"]
-        )
+        todo = sweep_table.fan_out_points(eval_chunk, work, points, job, o)
     done = sweep_table.load_points(work, [pt["key"] for pt in points])
     ft = finetuned_categories(src["world"])
     rows = sweep_table.table(done, COORDS, ft, reference=reference, compare=compare_key, seed=p.seed)

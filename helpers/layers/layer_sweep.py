@@ -208,7 +208,6 @@ def heal_points(model_path, points: list[dict], heal: dict, work: Path, job: dic
 
 def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     """The layer sweep for step 04's parameters `p`: calibration, points (fanned out), healing, layers.csv, figure."""
-    from helpers.core.fanout import chunked, fan_out
     from helpers.core.manifest import Manifest, output_path
     from helpers.core.manifest import load as load_manifest
     from helpers.core.models import load_model
@@ -235,12 +234,8 @@ def run_sweep(p, opts: dict | None = None, out_dir=None, work_dir=None) -> dict:
     del model
     job = dict(root=str(work), model=model_path, data=str(world / "mmlu_pro"), limit=o["limit"], mode=o["mode"])
     job.update(batch_size=o["batch_size"], threads=threads)
-    todo = sweep_table.pending(work, points, {k: job[k] for k in ("model", "mode", "limit")})
-    chunks = [{**job, "points": c} for c in chunked(todo, o["workers"])]
     with manifest.timer("points"):
-        fan_out(
-            eval_chunk, chunks, executor=o["executor"], workers=o["workers"], folder=work / "jobs", slurm=o["slurm"]
-        )
+        todo = sweep_table.fan_out_points(eval_chunk, work, points, job, o)
     keys = [pt["key"] for pt in points]
     if o["heal"]:
         healed = [pt for pt in points if pt["n_drop"] == n_star and pt["method"] in ("angular", "last_n")]
