@@ -7,6 +7,7 @@ import pytest
 from helpers.core.models import load_check
 from helpers.eval import mmlu_pro, results
 from helpers.eval.mmlu_pro import Question, TaskResult, extract_answer
+from helpers.eval.stats import wilson
 
 
 # ---- extraction ---------------------------------------------------------------------------
@@ -133,6 +134,8 @@ def test_results_merge_tasks_and_samples(tmp_path, tiny_mistral):
         results.write_results(out, dict(cfg, model="other/model"), [])
     md = results.summary_markdown(out.parent, notes=["skipped x: no manifest"])
     assert "| base |" in md and "skipped x" in md and "mmlu_pro_cot: 2 of 4" in md
+    lo, hi = wilson(3, 4)  # cloze: 3 of 4 right, with its 95% interval
+    assert f"0.750 [{lo:.3f}, {hi:.3f}]" in md and lo < 0.75 < hi
 
 
 def test_cot_drops_shots_until_the_prompt_fits(tiny_mmlu):

@@ -221,6 +221,13 @@ def markdown_table(df) -> str:
     )
 
 
+def _wilson_text(acc: float, n: int) -> str:
+    from helpers.eval.stats import wilson
+
+    lo, hi = wilson(round(acc * n), n)
+    return f"{acc:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def summary_markdown(
     root, title: str | None = None, notes: Sequence[str] = (), order: Sequence[str] | None = None
 ) -> str:
@@ -245,6 +252,15 @@ def summary_markdown(
             "Accuracy (micro average over questions) per variant and task; speed from one prompt batch.",
             "",
             markdown_table(table.reset_index()),
+            "",
+        ]
+        ci = acc.assign(ci95=[_wilson_text(a, n) for a, n in zip(acc["acc"], acc["n"])])
+        ci = ci.pivot_table(index="variant", columns="task", values="ci95", aggfunc="first", sort=False)
+        lines += [
+            "The same accuracies with their 95% Wilson interval over questions (differences between variants",
+            "are paired in the sweeps' CSVs; on a few hundred questions intervals are several points wide):",
+            "",
+            markdown_table(ci.reset_index()),
             "",
         ]
         side = acc[acc["task"].str.contains("cot")][["variant", "task", "n", "acc", "n_unparsed", "acc_random_fill"]]
